@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:  make demo  /  make test
+# Each creates .venv and installs everything it needs when missing (network: the package registries only).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the pair that lies on disk here (torchvision is needed by avalanche-lib)
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: test demo bench-core lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,bench]" $(TORCH_PINS)
+	touch $@
+
+# the test suite (slow benchmarks excluded; each has a seconds-long smoke test in the default run)
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+# the main job: a short, real benchmark run of the MoE core against dense, a naive loop and the peers
+demo: $(VENV)/.installed-bench
+	$(VENV)/bin/moeparadigms bench core --demo --out benchmarks/results/core_demo.json
+
+# the full core benchmark (about 20-30 minutes on 2 cores)
+bench-core: $(VENV)/.installed-bench
+	$(PY) scripts/bench_core.py --out benchmarks/results/core_cpu.json
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check moeparadigms tests scripts
+
+clean:
+	rm -rf $(VENV)

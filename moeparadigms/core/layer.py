@@ -1,0 +1,237 @@
+"""The MoE layer: router -> dispatch -> experts -> combine, with auxiliary losses and statistics returned.
+
+Shape legend:
+    T  tokens (all leading dims flattened)   D  model width   E  experts   A  assignments
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch as dsp
+from . import losses as L
+from .experts import Experts, Init
+from .params import Remap, merge_remaps
+from .routing import Router, Routing, SoftMoERouter, SoftRouting
+
+
+class RoutingStats(NamedTuple):
+    """Detached routing statistics of one forward (feed them to :class:`RoutingMetrics`)."""
+
+    tokens_per_expert: Tensor  # (E,) assignments each expert processed (after capacity dropping)
+    dropped: Tensor  # () assignments dropped by the capacity limit
+    assigned: Tensor  # () assignments before dropping
+    entropy_sum: Tensor  # () sum over tokens of the router's entropy (nats)
+    num_tokens: Tensor  # ()
+
+
+class MoEOutput(NamedTuple):
+    """``y`` has the input's shape; ``aux_loss`` is the weighted sum of ``losses`` (add it to the task
+    loss); ``losses`` holds each unweighted auxiliary term for logging."""
+
+    y: Tensor
+    aux_loss: Tensor
+    losses: dict[str, Tensor]
+    stats: RoutingStats
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts layer.
+
+    Args:
+        router: a :class:`~moeparadigms.core.routing.Router` (top-k, switch, expert choice, Soft MoE, hash,
+            task-conditioned, bias-balanced).
+        experts: an :class:`~moeparadigms.core.experts.Experts` bank with as many experts as the router.
+        shared_experts: an optional always-on module added to every token's output (DeepSeekMoE's shared
+            experts; :class:`~moeparadigms.core.experts.FFN` with ``num_shared``).
+        capacity_factor: None for dropless dispatch; otherwise each expert takes at most
+            ``ceil(capacity_factor * assignments / E)`` assignments and the overflow is dropped (its
+            contribution is zero; counted in ``stats.dropped``).
+        load_balance_coef, z_loss_coef, importance_coef, load_coef: weights of the Switch load-balancing
+            loss, ST-MoE router z-loss and Shazeer's importance and (noisy top-k only) load losses.
+        check_finite: raise on NaN/inf router logits (one host sync per forward).
+    """
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        experts: Experts,
+        shared_experts: nn.Module | None = None,
+        capacity_factor: float | None = None,
+        load_balance_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        importance_coef: float = 0.0,
+        load_coef: float = 0.0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a moeparadigms Router, got {type(router).__name__}")
+        if not isinstance(experts, Experts):
+            raise TypeError(f"experts must be a moeparadigms Experts bank, got {type(experts).__name__}")
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router.num_experts={router.num_experts} but experts.num_experts={experts.num_experts}: they must match"
+            )
+        if router.d_model != experts.d_model:
+            raise ValueError(f"router.d_model={router.d_model} but experts.d_model={experts.d_model}: they must match")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor!r}")
+        for name, v in dict(
+            load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef, importance_coef=importance_coef, load_coef=load_coef
+        ).items():
+            if not v >= 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+        self.router, self.experts, self.shared_experts = router, experts, shared_experts
+        self.capacity_factor = capacity_factor
+        self.coefs = {"load_balance": load_balance_coef, "z_loss": z_loss_coef, "importance": importance_coef, "load": load_coef}
+        self.check_finite = check_finite
+
+    @property
+    def d_model(self) -> int:
+        return self.router.d_model
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def extra_repr(self) -> str:
+        return f"capacity_factor={self.capacity_factor}, coefs={self.coefs}"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, *, task_id: int | Tensor | None = None) -> MoEOutput:
+        """Route every token of ``x`` (shape ``[..., D]``) to its experts.
+
+        Args:
+            x: tokens, any leading shape, last dim ``d_model``. Soft MoE mixes tokens within the
+                second-to-last dim (the sequence); every dim before it is a separate group.
+            task_id: for task-conditioned routers: an int for the whole batch, or a LongTensor of shape
+                ``x.shape[:-1]`` (one id per token) or ``x.shape[:1]`` (one per sample).
+        Returns:
+            :class:`MoEOutput` ``(y [..., D], aux_loss (), losses {name: ()}, stats)``.
+        """
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"input last dim must equal d_model={self.d_model}, got input shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, self.d_model)
+        T = x_TD.shape[0]
+        task_id_T = self._task_ids(task_id, lead, x.device)
+        if isinstance(self.router, SoftMoERouter):
+            groups = x.reshape(-1, x.shape[-2], self.d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
+            soft = self.router(groups, task_id_T=task_id_T)
+            y_TD, losses, stats = self._soft(groups, soft)
+        else:
+            routing = self.router(x_TD, task_id_T=task_id_T)
+            y_TD, losses, stats = self._sparse(x_TD, routing)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        aux = x_TD.new_zeros((), dtype=torch.float32)
+        for name, value in losses.items():
+            if self.coefs.get(name, 0.0):
+                aux = aux + self.coefs[name] * value
+        return MoEOutput(y_TD.reshape(*lead, y_TD.shape[-1]).to(x.dtype), aux, losses, stats)
+
+    def _task_ids(self, task_id: int | Tensor | None, lead: torch.Size, device: torch.device) -> Tensor | None:
+        if task_id is None:
+            return None
+        num_tasks = getattr(self.router, "num_tasks", None)
+        t = torch.as_tensor(task_id, device=device)
+        if t.is_floating_point() or t.is_complex():
+            raise ValueError(f"task_id must be an integer or an integer tensor, got dtype {t.dtype}")
+        t = t.long()
+        if t.dim() == 0:
+            t = t.expand(lead)
+        elif tuple(t.shape) == tuple(lead[: t.dim()]):
+            t = t.reshape(*t.shape, *([1] * (len(lead) - t.dim()))).expand(lead)
+        else:
+            raise ValueError(f"task_id has shape {tuple(t.shape)}; expected () or a prefix of the token shape {tuple(lead)}")
+        if num_tasks is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_tasks):
+            bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+            raise ValueError(f"task_id {bad} out of range: this router has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
+        return t.reshape(-1)
+
+    def _sparse(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
+        E = self.num_experts
+        if routing.ids_TK is not None and routing.weights_TK is not None and self.capacity_factor is None:
+            # dropless token choice: sorting is a permutation, both directions are plain gathers
+            perm = dsp.topk_permutation(routing.ids_TK, E)
+            y_AD = self.experts(dsp.permute_topk(x_TD, perm), perm.counts_E)
+            y_TD = dsp.unpermute_topk(y_AD, routing.weights_TK, perm).to(x_TD.dtype)
+            counts, dropped, total = perm.counts_E, perm.counts_E.new_zeros(()), routing.expert_A.numel()
+        else:
+            if routing.presorted:
+                c = torch.bincount(routing.expert_A, minlength=E)
+                d = dsp.Dispatch(routing.token_A, routing.expert_A, routing.weight_A, c, c.new_zeros(()), routing.expert_A.numel())
+            else:
+                d = dsp.sort_by_expert(routing.token_A, routing.expert_A, routing.weight_A, E)
+            if self.capacity_factor is not None:
+                d = dsp.limit_capacity(d, dsp.capacity(d.total, E, self.capacity_factor))
+            y_AD = self.experts(x_TD[d.token_A], d.counts_E)
+            y_TD = dsp.combine(y_AD, d, x_TD.shape[0]).to(x_TD.dtype)
+            counts, dropped, total = d.counts_E, d.dropped, d.total
+
+        losses: dict[str, Tensor] = {}
+        entropy = x_TD.new_zeros((), dtype=torch.float32)
+        if routing.probs_TE is not None:
+            losses["load_balance"] = L.switch_load_balance_loss(routing.probs_TE, routing.expert_A, E)
+            p = routing.probs_TE.detach()
+            entropy = -(p * torch.log(p.clamp_min(1e-20))).sum()
+        if routing.logits_TE is not None:
+            losses["z_loss"] = L.router_z_loss(routing.logits_TE)
+        if routing.probs_TE is not None and self.coefs["importance"]:
+            gates = routing.probs_TE.new_zeros(routing.probs_TE.shape).index_put(
+                (routing.token_A, routing.expert_A), routing.weight_A.to(routing.probs_TE.dtype), accumulate=True
+            )
+            losses["importance"] = L.importance_loss(gates)
+        if routing.load_prob_TE is not None:
+            losses["load"] = L.load_loss(routing.load_prob_TE)
+        stats = RoutingStats(counts.detach(), dropped.detach(), torch.tensor(total), entropy, torch.tensor(x_TD.shape[0]))
+        return y_TD, losses, stats
+
+    def _soft(self, x_GND: Tensor, r: SoftRouting) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
+        G, N, D = x_GND.shape
+        E, spe = self.num_experts, r.slots_per_expert
+        slots_GSD = torch.einsum("gns,gnd->gsd", r.dispatch_GNS.to(x_GND.dtype), x_GND)
+        x_AD = slots_GSD.reshape(G, E, spe, D).transpose(0, 1).reshape(E * G * spe, D)
+        counts = torch.full((E,), G * spe, dtype=torch.long, device=x_GND.device)
+        y_AD = self.experts(x_AD, counts)
+        y_GSD = y_AD.reshape(E, G, spe, D).transpose(0, 1).reshape(G, E * spe, D)
+        y_GND = torch.einsum("gns,gsd->gnd", r.combine_GNS.to(y_GSD.dtype), y_GSD)
+        c = r.combine_GNS.detach()
+        entropy = -(c * torch.log(c.clamp_min(1e-20))).sum()
+        stats = RoutingStats(counts, counts.new_zeros(()), torch.tensor(E * G * spe), entropy, torch.tensor(G * N))
+        return y_GND.reshape(G * N, D), {"z_loss": L.router_z_loss(r.logits_GNS.reshape(G * N, -1))}, stats
+
+    # ------------------------------------------------------------------ growth
+    def add_experts(self, n: int = 1, *, init: Init = "fresh", source: Sequence[int] | None = None) -> Remap:
+        """Add ``n`` experts (router rows included): ``"copy"`` of ``source`` experts (default the last),
+        ``"mean"`` of all, or ``"fresh"``. Existing experts' outputs are unchanged. Returns the
+        parameter remap to pass to :func:`~moeparadigms.core.params.remap_optimizer`."""
+        r1 = self.experts.grow(n, init, source)
+        r2 = self.router.grow(n, init, source)
+        return merge_remaps(r1, r2)
+
+    def prune_experts(self, ids: Sequence[int]) -> Remap:
+        """Remove experts ``ids`` (and their router rows); the others keep their order."""
+        keep = torch.ones(self.num_experts, dtype=torch.bool)
+        for e in ids:
+            if not 0 <= int(e) < self.num_experts:
+                raise ValueError(f"expert id {e} out of range: {self.num_experts} experts (0..{self.num_experts - 1})")
+            keep[int(e)] = False
+        return merge_remaps(self.experts.prune(keep), self.router.prune(keep))
+
+    def freeze_experts(self, ids: Sequence[int], *, router: bool = True, frozen: bool = True) -> Remap:
+        """Freeze experts ``ids`` (and, with ``router=True``, their router rows, so their logits stop
+        drifting). Frozen parameters get no gradient, so no optimizer changes them."""
+        r = self.experts.set_frozen(list(ids), frozen)
+        if router:
+            r = merge_remaps(r, self.router.set_frozen(list(ids), frozen))
+        return r
+
+    def unfreeze_experts(self, ids: Sequence[int], *, router: bool = True) -> Remap:
+        return self.freeze_experts(ids, router=router, frozen=False)
+

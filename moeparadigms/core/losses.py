@@ -1,0 +1,45 @@
+"""Auxiliary losses for routers, as pure functions of routing tensors.
+
+Shape legend:
+    T  tokens   E  experts   A  assignments (token, expert pairs)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def switch_load_balance_loss(probs_TE: Tensor, expert_A: Tensor, num_experts: int) -> Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
+
+    ``E * sum_i f_i * P_i`` with ``f_i`` the fraction of assignments routed to expert i (before any
+    capacity dropping) and ``P_i`` the mean router probability of expert i. Equals 1 when both are
+    uniform; only ``P`` carries gradient.
+    """
+    f_E = torch.bincount(expert_A, minlength=num_experts).to(probs_TE.dtype) / max(expert_A.numel(), 1)
+    P_E = probs_TE.mean(0)
+    return num_experts * torch.sum(f_E * P_E)
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def cv_squared(v: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation, Var(v) / Mean(v)^2 (population variance), 0 for one element."""
+    v = v.float()
+    if v.numel() <= 1:
+        return v.new_zeros(())
+    return v.var(unbiased=False) / (v.mean().square() + eps)
+
+
+def importance_loss(gates_TE: Tensor) -> Tensor:
+    """Shazeer et al. 2017 importance loss: CV^2 of the per-expert sum of gate values over the batch."""
+    return cv_squared(gates_TE.sum(0))
+
+
+def load_loss(load_prob_TE: Tensor) -> Tensor:
+    """Shazeer et al. 2017 smooth load loss: CV^2 of sum_t P(x_t, i), the probability (under the gating
+    noise) that expert i is among token t's top-k (their eq. 8-10)."""
+    return cv_squared(load_prob_TE.sum(0))
