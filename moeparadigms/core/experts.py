@@ -242,6 +242,14 @@ class _StackedExperts(Experts):
         self.b1 = ExpertParam(self._fresh((num_experts, h1), d_model)) if bias else None
         self.b2 = ExpertParam(self._fresh((num_experts, d_model), hidden)) if bias else None
 
+    def reset_parameters(self) -> None:
+        """Re-draw every expert's weights (nn.Linear's initialisation per expert), in place."""
+        with torch.no_grad():
+            for p in self._params():
+                fan_in = self.d_model if p in (self.w1, self.b1) else self.hidden
+                for _, b in p.layout():
+                    b.copy_(self._fresh(tuple(b.shape), fan_in))
+
     @staticmethod
     def _fresh(shape: tuple[int, ...], fan_in: int) -> Tensor:
         # nn.Linear's default initialisation, per expert

@@ -111,6 +111,13 @@ class Router(nn.Module):
     def _fresh(self, p: ExpertParam, n: int) -> Tensor:
         return _fresh_rows(n, int(torch.tensor(p.shape[1:]).prod())).reshape(n, *p.shape[1:])
 
+    def reset_parameters(self) -> None:
+        """Re-draw the router's expert-indexed parameters, in place."""
+        with torch.no_grad():
+            for p in self._expert_params():
+                for _, b in p.layout():
+                    b.copy_(self._fresh(p, b.shape[0]).to(b))
+
     def _grow_buffers(self, n: int, init: Init, src: list[int]) -> None:
         pass
 

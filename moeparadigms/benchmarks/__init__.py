@@ -1,0 +1,1 @@
+"""Data modules and environments for the paradigms' benchmarks (all offline)."""

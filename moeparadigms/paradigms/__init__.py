@@ -1,0 +1,1 @@
+"""Paradigm LightningModules built on the MoE core."""

@@ -1,0 +1,76 @@
+"""Supervised classification with an MoE network: the smallest paradigm, and the CLI's smoke test."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from ..core import MoE, RoutingMetrics
+from ..nets import MoEMLP
+from .logging import log_routing_metrics, update_routing_metrics
+
+
+class MoEClassifier(pl.LightningModule):
+    """``MoEMLP`` classifier trained with cross-entropy plus the MoE auxiliary losses.
+
+    Args:
+        in_features: input width (inputs are flattened).
+        num_classes: number of classes.
+        moe: the MoE layer of the first block (``d_model`` sets the network width).
+        depth: number of residual MoE blocks.
+        lr, weight_decay: AdamW settings.
+    """
+
+    def __init__(self, *, in_features: int, num_classes: int, moe: MoE, depth: int = 1, lr: float = 3e-3,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.save_hyperparameters(ignore=["moe"])
+        self.net = MoEMLP(in_features=in_features, out_features=num_classes, moe=moe, depth=depth)
+        self.acc = nn.ModuleDict({s: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for s in ("train_", "val", "test")})
+        self.routing = nn.ModuleDict(
+            {s: nn.ModuleList([RoutingMetrics(m.num_experts) for m in self.net.moe_layers()]) for s in ("train_", "val", "test")}
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).y
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"{stage} batch contains NaN/inf inputs (global step {self.global_step})")
+        out = self.net(x)
+        ce = F.cross_entropy(out.y, y)
+        key = "train_" if stage == "train" else stage
+        self.acc[key](out.y, y)
+        update_routing_metrics(self.routing[key], out.stats)
+        self.log(f"{stage}/ce", ce, prog_bar=stage != "train")
+        self.log(f"{stage}/aux_loss", out.aux_loss)
+        self.log(f"{stage}/acc", self.acc[key], prog_bar=True, on_step=False, on_epoch=True)
+        return ce + out.aux_loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        log_routing_metrics(self, self.routing["train_"], "train")
+
+    def on_validation_epoch_end(self) -> None:
+        log_routing_metrics(self, self.routing["val"], "val")
+
+    def on_test_epoch_end(self) -> None:
+        log_routing_metrics(self, self.routing["test"], "test")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
