@@ -81,24 +81,48 @@ def combine(y_AD: Tensor, dispatch: Dispatch, num_tokens: int) -> Tensor:
 # token-major (T*K) layout and both directions are gathers (no scatter-add, no atomics).
 # ---------------------------------------------------------------------------------------------------
 class TopKPermutation(NamedTuple):
-    order_A: Tensor  # sorted position -> token-major index t*K + k
-    inverse_A: Tensor  # token-major index -> sorted position
-    token_A: Tensor  # token of each sorted row (order // K)
-    counts_E: Tensor
+    order_A: Tensor  # kept sorted position -> token-major index t*K + k
+    inverse_A: Tensor  # token-major index -> kept sorted position (dropped ones: the index one past the end)
+    token_A: Tensor  # token of each kept sorted row (order // K)
+    counts_E: Tensor  # kept rows per expert
+    dropped: Tensor  # long scalar
     top_k: int
+    has_drops: bool  # a capacity was applied (the inverse may point at the zero row past the end)
 
 
-def topk_permutation(ids_TK: Tensor, num_experts: int) -> TopKPermutation:
+def topk_permutation(ids_TK: Tensor, num_experts: int, cap: int | None = None) -> TopKPermutation:
+    """Sort the T*K (token, expert) choices by expert (stable: token order inside an expert). With
+    ``cap``, each expert keeps its first ``cap`` tokens (Switch's token-order priority); the dropped
+    choices map to a zero row so both directions stay plain gathers."""
     K = ids_TK.shape[-1]
-    expert_sorted, order = torch.sort(ids_TK.reshape(-1), stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
+    flat = ids_TK.reshape(-1)
+    expert_sorted, order = torch.sort(flat, stable=True)
     counts = torch.bincount(expert_sorted, minlength=num_experts)
-    return TopKPermutation(order, inverse, order // K, counts, K)
+    A = order.numel()
+    arange = torch.arange(A, device=order.device)
+    if cap is None:
+        inverse = torch.empty_like(order)
+        inverse[order] = arange
+        return TopKPermutation(order, inverse, order // K, counts, counts.new_zeros(()), K, False)
+    if cap <= 0:
+        raise ValueError(f"capacity must be > 0, got {cap}")
+    starts = torch.cumsum(counts, 0) - counts
+    keep = (arange - starts[expert_sorted]) < cap
+    kept_order = order[keep]
+    n_kept = kept_order.numel()
+    inverse = torch.full_like(order, n_kept)
+    inverse[kept_order] = torch.arange(n_kept, device=order.device)
+    kept_counts = torch.clamp(counts, max=cap)
+    return TopKPermutation(kept_order, inverse, kept_order // K, kept_counts, A - kept_counts.sum(), K, True)
+
+
+def _with_zero_row(t_AD: Tensor) -> Tensor:
+    return torch.cat([t_AD, t_AD.new_zeros(1, t_AD.shape[-1])], 0)
 
 
 class _Permute(torch.autograd.Function):
-    """x_AD = x_TD[token_A] where each token appears exactly K times; backward gathers and sums over K."""
+    """x_AD = x_TD[token_A]; each token appears at most K times, so the backward is a gather through the
+    inverse permutation and a sum over K (no scatter-add)."""
 
     @staticmethod
     def forward(ctx, x_TD, perm):  # type: ignore[override]
@@ -108,6 +132,8 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_AD):  # type: ignore[override]
         perm = ctx.perm
+        if perm.has_drops:
+            g_AD = _with_zero_row(g_AD)
         g = g_AD.index_select(0, perm.inverse_A)
         if perm.top_k > 1:
             g = g.view(-1, perm.top_k, g.shape[-1]).sum(1)
@@ -115,12 +141,14 @@ class _Permute(torch.autograd.Function):
 
 
 class _Unpermute(torch.autograd.Function):
-    """y_TD = sum_k w_TK[t, k] * y_AD[inverse(t, k)] as one batched matmul over the K rows of each token."""
+    """y_TD = sum_k w_TK[t, k] * y_AD[inverse(t, k)] as one batched matmul over the K rows of each token
+    (a dropped choice reads the zero row)."""
 
     @staticmethod
     def forward(ctx, y_AD, w_TK, perm):  # type: ignore[override]
         K = perm.top_k
-        y_TKD = y_AD.index_select(0, perm.inverse_A).view(-1, K, y_AD.shape[-1])
+        src = _with_zero_row(y_AD) if perm.has_drops else y_AD
+        y_TKD = src.index_select(0, perm.inverse_A).view(-1, K, y_AD.shape[-1])
         w = w_TK.to(y_AD.dtype)
         ctx.save_for_backward(y_TKD, w)
         ctx.perm = perm

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._kernels import grouped_mm_out
 from .params import ExpertParam, Remap, merge_remaps
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
@@ -89,29 +90,26 @@ def _act_bwd(da: Tensor, h: Tensor, act: str, glu: bool) -> Tensor:
 
 
 class _GroupedFFN(torch.autograd.Function):
-    """y_a = act(x_a @ W1[e] + b1[e]) @ W2[e] + b2[e] for rows a of expert e (GLU: act(gate) * up)."""
+    """y_a = act(x_a @ W1[e] + b1[e]) @ W2[e] + b2[e] for rows a of expert e (GLU: act(gate) * up).
+
+    Every GEMM (forward, input gradient, weight gradient) goes through
+    :func:`~moeparadigms.core._kernels.grouped_mm_out` straight into slices of preallocated buffers.
+    """
 
     @staticmethod
     def forward(ctx, x, bounds, rows, act, glu, nb, *params):  # type: ignore[override]
         w1, w2 = params[:nb], params[nb : 2 * nb]
         b1, b2 = (params[2 * nb : 3 * nb], params[3 * nb :]) if len(params) > 2 * nb else (None, None)
+        live = [(e, s, t) for e, (s, t) in enumerate(bounds) if t > s]
+        W1 = [w1[rows[e][0]][rows[e][1]] for e, _, _ in live]
+        W2 = [w2[rows[e][0]][rows[e][1]] for e, _, _ in live]
         h = x.new_empty(x.shape[0], w1[0].shape[-1])
-        for e, (s, t) in enumerate(bounds):
-            if t > s:
-                bi, r = rows[e]
-                if b1 is None:
-                    torch.mm(x[s:t], w1[bi][r], out=h[s:t])
-                else:
-                    torch.addmm(b1[bi][r], x[s:t], w1[bi][r], out=h[s:t])
+        grouped_mm_out([x[s:t] for _, s, t in live], W1, [h[s:t] for _, s, t in live], split_rows=True,
+                       bias=None if b1 is None else [b1[rows[e][0]][rows[e][1]] for e, _, _ in live])
         a = _act_fwd(h, act, glu)
         y = x.new_empty(x.shape[0], w2[0].shape[-1])
-        for e, (s, t) in enumerate(bounds):
-            if t > s:
-                bi, r = rows[e]
-                if b2 is None:
-                    torch.mm(a[s:t], w2[bi][r], out=y[s:t])
-                else:
-                    torch.addmm(b2[bi][r], a[s:t], w2[bi][r], out=y[s:t])
+        grouped_mm_out([a[s:t] for _, s, t in live], W2, [y[s:t] for _, s, t in live], split_rows=True,
+                       bias=None if b2 is None else [b2[rows[e][0]][rows[e][1]] for e, _, _ in live])
         ctx.save_for_backward(x, h, a, *params)
         ctx.meta = (bounds, rows, act, glu, nb)
         return y
@@ -124,43 +122,54 @@ class _GroupedFFN(torch.autograd.Function):
         need_p = needs[6:]
         w1, w2 = params[:nb], params[nb : 2 * nb]
         has_bias = len(params) > 2 * nb
-        g = [torch.empty_like(p) if n else None for p, n in zip(params, need_p, strict=True)]
-        gw1, gw2 = g[:nb], g[nb : 2 * nb]
-        gb1, gb2 = (g[2 * nb : 3 * nb], g[3 * nb :]) if has_bias else ([None] * nb, [None] * nb)
         dy = dy.contiguous()
-        need_dh = needs[0] or any(need_p[:nb]) or (has_bias and any(need_p[2 * nb : 3 * nb]))
-        da = dy.new_empty(a.shape) if need_dh else None
-        for e, (s, t) in enumerate(bounds):
-            bi, r = rows[e]
-            if t == s:
-                for buf in (gw2[bi], gb2[bi]):
-                    if buf is not None:
-                        buf[r].zero_()
-                continue
-            if gw2[bi] is not None:
-                torch.mm(a[s:t].t(), dy[s:t], out=gw2[bi][r])
-            if gb2[bi] is not None:
-                torch.sum(dy[s:t], 0, out=gb2[bi][r])
-            if da is not None:
-                torch.mm(dy[s:t], w2[bi][r].t(), out=da[s:t])
+        live = [(e, s, t) for e, (s, t) in enumerate(bounds) if t > s]
+        counts = torch.tensor([t - s for s, t in bounds])
+        g: list[Tensor | None] = [None] * len(params)
+
+        def weight_grads(offset: int, lhs: Tensor, rhs: Tensor) -> None:
+            # dW[e] = lhs[s:t]^T @ rhs[s:t] for the blocks that need it; experts without rows get zeros
+            for bi in range(nb):
+                if not need_p[offset + bi]:
+                    continue
+                p = params[offset + bi]
+                g[offset + bi] = grad = torch.empty_like(p)
+                start = sum(params[offset + j].shape[0] for j in range(bi))
+                mine = [(e, s, t) for e, s, t in live if rows[e][0] == bi]
+                grouped_mm_out([lhs[s:t].t() for _, s, t in mine], [rhs[s:t] for _, s, t in mine],
+                               [grad[rows[e][1]] for e, _, _ in mine], split_rows=False)
+                empty = counts[start : start + p.shape[0]] == 0
+                if empty.any():
+                    grad[empty] = 0
+
+        def bias_grads(offset: int, rhs: Tensor) -> None:
+            if not has_bias or not any(need_p[offset : offset + nb]):
+                return
+            per_expert = torch.segment_reduce(rhs, "sum", lengths=counts.to(rhs.device), axis=0)
+            start = 0
+            for bi in range(nb):
+                n = params[offset + bi].shape[0]
+                if need_p[offset + bi]:
+                    g[offset + bi] = per_expert[start : start + n].clone()
+                start += n
+
+        weight_grads(nb, a, dy)
+        bias_grads(3 * nb, dy)
         dx = None
-        if da is not None:
+        need_dh = needs[0] or any(need_p[:nb]) or (has_bias and any(need_p[2 * nb : 3 * nb]))
+        if need_dh:
+            W2t = [w2[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
+            da = dy.new_empty(a.shape)
+            grouped_mm_out([dy[s:t] for _, s, t in live], W2t, [da[s:t] for _, s, t in live], split_rows=True)
+            del a
             dh = _act_bwd(da, h, act, glu)
             del da
-            dx = x.new_empty(x.shape) if needs[0] else None
-            for e, (s, t) in enumerate(bounds):
-                bi, r = rows[e]
-                if t == s:
-                    for buf in (gw1[bi], gb1[bi]):
-                        if buf is not None:
-                            buf[r].zero_()
-                    continue
-                if gw1[bi] is not None:
-                    torch.mm(x[s:t].t(), dh[s:t], out=gw1[bi][r])
-                if gb1[bi] is not None:
-                    torch.sum(dh[s:t], 0, out=gb1[bi][r])
-                if dx is not None:
-                    torch.mm(dh[s:t], w1[bi][r].t(), out=dx[s:t])
+            weight_grads(0, x, dh)
+            bias_grads(2 * nb, dh)
+            if needs[0]:
+                dx = x.new_empty(x.shape)
+                W1t = [w1[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
+                grouped_mm_out([dh[s:t] for _, s, t in live], W1t, [dx[s:t] for _, s, t in live], split_rows=True)
         return (dx, None, None, None, None, None, *g)
 
 

@@ -156,12 +156,13 @@ class MoE(nn.Module):
 
     def _sparse(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
         E = self.num_experts
-        if routing.ids_TK is not None and routing.weights_TK is not None and self.capacity_factor is None:
-            # dropless token choice: sorting is a permutation, both directions are plain gathers
-            perm = dsp.topk_permutation(routing.ids_TK, E)
+        if routing.ids_TK is not None and routing.weights_TK is not None:
+            # token choice: sorting is a permutation of the T*K choices, both directions are plain gathers
+            cap = None if self.capacity_factor is None else dsp.capacity(routing.ids_TK.numel(), E, self.capacity_factor)
+            perm = dsp.topk_permutation(routing.ids_TK, E, cap)
             y_AD = self.experts(dsp.permute_topk(x_TD, perm), perm.counts_E)
             y_TD = dsp.unpermute_topk(y_AD, routing.weights_TK, perm).to(x_TD.dtype)
-            counts, dropped, total = perm.counts_E, perm.counts_E.new_zeros(()), routing.expert_A.numel()
+            counts, dropped, total = perm.counts_E, perm.dropped, routing.ids_TK.numel()
         else:
             if routing.presorted:
                 c = torch.bincount(routing.expert_A, minlength=E)

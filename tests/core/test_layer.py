@@ -212,3 +212,21 @@ def test_task_id_per_sample_broadcasts_over_sequence():
     # task_only routing sends every token of a task to the same expert
     out = moe(torch.randn(10, D), task_id=1)
     assert int((out.stats.tokens_per_expert > 0).sum()) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("extension", [True, False])
+def test_grouped_gemm_paths_match_reference(monkeypatch, threads, extension):
+    """The C++ grouped GEMM (parallel over experts) and the Python fallback, on one and two threads."""
+    from moeparadigms.core import _kernels
+
+    if not extension:
+        monkeypatch.setattr(_kernels, "_load", lambda: None)
+    elif not _kernels.available():
+        pytest.skip("the grouped-GEMM extension cannot be built here")
+    torch.set_num_threads(threads)
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-gelu-bias"]())
+    moe.freeze_experts([3])
+    _check_against_reference(moe, torch.randn(4, 9, D))
+    glu = MoE(router=ROUTERS["expert-choice"](), experts=EXPERTS["swiglu"]())
+    _check_against_reference(glu, torch.randn(4, 9, D))
