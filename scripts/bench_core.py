@@ -53,6 +53,12 @@ class Shape:
     hidden: int
     E: int
     k: int
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 class Unavailable(Exception):
@@ -171,6 +177,7 @@ def build(impl: str, s: Shape) -> tuple[nn.Module, Callable[[torch.Tensor, torch
         m = _mixtral(s, impl.removeprefix("transformers-mixtral-"))
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {MLP_IMPLS + GLU_IMPLS}")
+    m = m.to(device=s.device, dtype=s.torch_dtype)
     three_d = impl in ("deepspeed", "st-moe-pytorch") or impl.startswith("transformers-")
     params = list(m.parameters())
 
@@ -181,8 +188,17 @@ def build(impl: str, s: Shape) -> tuple[nn.Module, Callable[[torch.Tensor, torch
         out = m(inp)
         y = out[0] if isinstance(out, tuple) else getattr(out, "y", getattr(out, "outputs", out))
         y.reshape(g.shape).backward(g)
+        if s.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     return m, step
+
+
+def _inputs(s: Shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(s.tokens, s.d_model, generator=gen).to(s.device, s.torch_dtype).requires_grad_(True)
+    g = torch.randn(s.tokens, s.d_model, generator=gen).to(s.device, s.torch_dtype)
+    return x, g
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,8 +221,7 @@ def measure_memory_child(impl: str, s: Shape, threads: int) -> None:
     """Runs in a subprocess: one warm-up step, then the peak resident set of one more step."""
     torch.set_num_threads(threads)
     _, step = build(impl, s)
-    x = torch.randn(s.tokens, s.d_model, requires_grad=True)
-    g = torch.randn(s.tokens, s.d_model)
+    x, g = _inputs(s, 1)
     step(x, g)
     x.grad = None
     import gc
@@ -220,6 +235,8 @@ def measure_memory_child(impl: str, s: Shape, threads: int) -> None:
 
 
 def peak_memory(impl: str, s: Shape, threads: int) -> float | None:
+    if s.device.startswith("cuda"):
+        return _peak_memory_cuda(impl, s)
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--_memory", impl, json.dumps(s.__dict__), "--threads", str(threads)]
@@ -230,6 +247,20 @@ def peak_memory(impl: str, s: Shape, threads: int) -> float | None:
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
+def _peak_memory_cuda(impl: str, s: Shape) -> float:
+    """On a GPU the caching allocator reports the peak itself: peak allocated during one step minus
+    what was allocated before it."""
+    _, step = build(impl, s)
+    x, g = _inputs(s, 1)
+    step(x, g)
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(x, g)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def time_config(s: Shape, impls: list[str], warmup: int, reps: int, threads: int) -> dict[str, list[float]]:
     built, skipped = {}, {}
     for impl in impls:
@@ -238,9 +269,7 @@ def time_config(s: Shape, impls: list[str], warmup: int, reps: int, threads: int
         except Unavailable as e:
             skipped[impl] = str(e)
             print(f"  skip {impl}: {e}", file=sys.stderr)
-    torch.manual_seed(1)
-    x = torch.randn(s.tokens, s.d_model, requires_grad=True)
-    g = torch.randn(s.tokens, s.d_model)
+    x, g = _inputs(s, 1)
     times: dict[str, list[float]] = {i: [] for i in built}
     names = list(built)
     for r in range(warmup + reps):
@@ -268,10 +297,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--impls", nargs="+", default=MLP_IMPLS + GLU_IMPLS)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
     ap.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device} asked for, but torch.cuda.is_available() is False")
     if args._memory:
         measure_memory_child(args._memory[0], Shape(**json.loads(args._memory[1])), args.threads)
         return []
@@ -287,15 +320,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         ap.error(f"unknown --impls {sorted(unknown)}; choose from {MLP_IMPLS + GLU_IMPLS}")
     torch.set_num_threads(args.threads)
-    impls = [i for i in MLP_IMPLS + GLU_IMPLS if i in args.impls or i == DENSE_OF[i] and DENSE_OF[i] in args.impls]
-    for fam_dense in ("dense", "dense-glu"):  # every family needs its dense reference
-        if any(DENSE_OF[i] == fam_dense for i in impls) and fam_dense not in impls:
-            impls.insert(0, fam_dense)
+    # every family that is asked for runs with its dense reference, which goes first
+    impls = []
+    for family in (MLP_IMPLS, GLU_IMPLS):
+        chosen = [i for i in family if i in args.impls]
+        if chosen and family[0] not in chosen:
+            chosen.insert(0, family[0])
+        impls += chosen
 
     records: list[dict] = []
     for E in args.experts:
         for k in args.top_k:
-            s = Shape(args.tokens, args.d_model, args.hidden, E, k)
+            s = Shape(args.tokens, args.d_model, args.hidden, E, k, args.device, args.dtype)
             print(f"E={E} k={k}: timing {len(impls)} implementations interleaved ({args.warmup}+{args.reps} rounds)...", flush=True)
             times = time_config(s, impls, args.warmup, args.reps, args.threads)
             med = {i: statistics.median(t) for i, t in times.items()}
@@ -307,7 +343,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "ratio_vs_dense": med[impl] / med[dense] if dense in med else None,
                     "peak_mb": mem,
                     "family": "glu" if dense == "dense-glu" else "mlp", "dense_impl": dense,
-                    "tokens": s.tokens, "d_model": s.d_model, "hidden": s.hidden, "dtype": "float32", "device": "cpu",
+                    "tokens": s.tokens, "d_model": s.d_model, "hidden": s.hidden, "dtype": s.dtype, "device": s.device,
                     "threads": args.threads, "reps": args.reps, "times_s": times[impl],
                     "peak_mb_ratio_vs_dense": None,
                 })
@@ -317,7 +353,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if d and r["peak_mb"] is not None and d["peak_mb"]:
                     r["peak_mb_ratio_vs_dense"] = r["peak_mb"] / d["peak_mb"]
             print_table([r for r in records if r["E"] == E and r["k"] == k])
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(), "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else argv}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

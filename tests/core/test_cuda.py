@@ -1,0 +1,35 @@
+"""CUDA checks (marked gpu: skipped on machines without a CUDA device; the default suite never needs one)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeparadigms.core import GLUExperts, MLPExperts, MoE, TopKRouter
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("bank", [MLPExperts, GLUExperts])
+@pytest.mark.parametrize("capacity", [None, 1.0])
+def test_cuda_matches_cpu_fp32(bank, capacity):
+    torch.manual_seed(0)
+    moe = MoE(router=TopKRouter(d_model=64, num_experts=8, top_k=2), experts=bank(d_model=64, hidden=128, num_experts=8),
+              capacity_factor=capacity)
+    x = torch.randn(256, 64)
+    y_cpu = moe(x).y
+    y_gpu = moe.cuda()(x.cuda()).y.cpu()
+    torch.testing.assert_close(y_gpu, y_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_bf16_grouped_mm_path_close_to_fp32():
+    torch.manual_seed(0)
+    kw = dict(d_model=128, hidden=256, num_experts=8)
+    moe = MoE(router=TopKRouter(d_model=128, num_experts=8, top_k=2), experts=MLPExperts(**kw)).cuda()
+    x = torch.randn(1024, 128, device="cuda", requires_grad=True)
+    y32 = moe(x).y
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = moe(x)
+    assert moe.experts._use_grouped_mm(x.to(torch.bfloat16))
+    assert (out.y.float() - y32).norm() / y32.norm() < 0.05
+    out.y.float().sum().backward()
+    assert all(p.grad is not None for p in moe.experts.parameters())
