@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from . import dispatch as dsp
 from . import losses as L
@@ -90,6 +91,7 @@ class MoE(nn.Module):
         self.capacity_factor = capacity_factor
         self.coefs = {"load_balance": load_balance_coef, "z_loss": z_loss_coef, "importance": importance_coef, "load": load_coef}
         self.check_finite = check_finite
+        router.check_finite = check_finite
 
     @property
     def d_model(self) -> int:
@@ -118,14 +120,14 @@ class MoE(nn.Module):
             raise ValueError(f"input last dim must equal d_model={self.d_model}, got input shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.d_model)
-        T = x_TD.shape[0]
         task_id_T = self._task_ids(task_id, lead, x.device)
         if isinstance(self.router, SoftMoERouter):
             groups = x.reshape(-1, x.shape[-2], self.d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
             soft = self.router(groups, task_id_T=task_id_T)
             y_TD, losses, stats = self._soft(groups, soft)
         else:
-            routing = self.router(x_TD, task_id_T=task_id_T)
+            with record_function("moe/router"):
+                routing = self.router(x_TD, task_id_T=task_id_T)
             y_TD, losses, stats = self._sparse(x_TD, routing)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
@@ -159,9 +161,13 @@ class MoE(nn.Module):
         if routing.ids_TK is not None and routing.weights_TK is not None:
             # token choice: sorting is a permutation of the T*K choices, both directions are plain gathers
             cap = None if self.capacity_factor is None else dsp.capacity(routing.ids_TK.numel(), E, self.capacity_factor)
-            perm = dsp.topk_permutation(routing.ids_TK, E, cap)
-            y_AD = self.experts(dsp.permute_topk(x_TD, perm), perm.counts_E)
-            y_TD = dsp.unpermute_topk(y_AD, routing.weights_TK, perm).to(x_TD.dtype)
+            with record_function("moe/permute"):
+                perm = dsp.topk_permutation(routing.ids_TK, E, cap)
+                x_AD = dsp.permute_topk(x_TD, perm)
+            with record_function("moe/experts"):
+                y_AD = self.experts(x_AD, perm.counts_E)
+            with record_function("moe/unpermute"):
+                y_TD = dsp.unpermute_topk(y_AD, routing.weights_TK, perm).to(x_TD.dtype)
             counts, dropped, total = perm.counts_E, perm.dropped, routing.ids_TK.numel()
         else:
             if routing.presorted:

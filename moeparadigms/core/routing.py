@@ -78,6 +78,8 @@ class Router(nn.Module):
     num_experts: int
     #: routers whose output depends on other tokens of the batch (expert choice, Soft MoE) set this
     batch_dependent: bool = False
+    #: raise on NaN/inf scores (one host sync per forward); MoE(check_finite=...) sets it
+    check_finite: bool = True
 
     def __init__(self, *, d_model: int, num_experts: int) -> None:
         super().__init__()
@@ -212,7 +214,8 @@ class TopKRouter(Router):
         with torch.autocast(x_TD.device.type, enabled=False):
             x = _fp32(x_TD)
             clean = self._scores(x, task_id_T)
-            _check_finite_logits(clean)
+            if self.check_finite:
+                _check_finite_logits(clean)
             logits, load_prob = clean, None
             if self.noisy and self.training:
                 std = F.softplus(F.linear(x, self.noise.full().to(x.dtype))) + 1e-2  # type: ignore[union-attr]
@@ -288,7 +291,8 @@ class BiasBalancedRouter(TopKRouter):
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
         with torch.autocast(x_TD.device.type, enabled=False):
             logits = self._scores(_fp32(x_TD), task_id_T)
-            _check_finite_logits(logits)
+            if self.check_finite:
+                _check_finite_logits(logits)
             scores = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, -1)
             token_A, expert_A, weight_A, ids, w = _token_choice(
                 scores, self.top_k, self.renormalize, select_TE=scores.detach() + self.expert_bias
@@ -385,7 +389,8 @@ class ExpertChoiceRouter(Router):
             T = x_TD.shape[0]
             x = _fp32(x_TD)
             logits = F.linear(x, self.gate.full().to(x.dtype)) / self.temperature
-            _check_finite_logits(logits)
+            if self.check_finite:
+                _check_finite_logits(logits)
             probs = torch.softmax(logits, dim=-1)
             C = min(T, max(1, math.ceil(self.capacity_factor * T / self.num_experts)))
             weights_EC, tokens_EC = torch.topk(probs.t(), C, dim=-1)
@@ -418,7 +423,8 @@ class HashRouter(Router):
         with torch.no_grad(), torch.autocast(x_TD.device.type, enabled=False):
             x = _fp32(x_TD)
             scores = F.linear(x, self.projection.to(x.dtype))
-            _check_finite_logits(scores, "hash router scores")
+            if self.check_finite:
+                _check_finite_logits(scores, "hash router scores")
             ids_TK = torch.topk(scores, self.top_k, dim=-1).indices
         T = x_TD.shape[0]
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(self.top_k)
@@ -459,7 +465,8 @@ class SoftMoERouter(Router):
                 x = F.normalize(x, dim=-1)
                 phi_SD = self.scale * F.normalize(phi_SD, dim=-1)
             logits = torch.einsum("gnd,sd->gns", x, phi_SD)
-            _check_finite_logits(logits)
+            if self.check_finite:
+                _check_finite_logits(logits)
             dispatch = torch.softmax(logits, dim=1)
             combine = torch.softmax(logits, dim=2)
         return SoftRouting(dispatch, combine, logits, self.slots_per_expert)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moeparadigms.core import GLUExperts, MLPExperts, MoE, ModuleExperts, SoftMoERouter
+from moeparadigms.core import GLUExperts, MLPExperts, ModuleExperts, MoE, SoftMoERouter
 
 ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
 

@@ -11,8 +11,8 @@ from moeparadigms.core import (
     BiasBalancedRouter,
     ExpertChoiceRouter,
     MLPExperts,
-    MoE,
     ModuleExperts,
+    MoE,
     SoftMoERouter,
     TopKRouter,
 )
