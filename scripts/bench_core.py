@@ -261,6 +261,28 @@ def _peak_memory_cuda(impl: str, s: Shape) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def profile_breakdown(s: Shape, impl: str = "moeparadigms", steps: int = 3) -> list[dict]:
+    """Where one forward+backward of ``impl`` spends its time: the layer's own ranges (moe/router,
+    moe/permute, moe/experts, moe/unpermute), the autograd nodes of the backward and the top ATen ops,
+    per step, from torch.profiler (which adds some overhead of its own: read shares, not absolutes)."""
+    _, step = build(impl, s)
+    x, g = _inputs(s, 1)
+    step(x, g)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            x.grad = None
+            step(x, g)
+    rows = []
+    for e in prof.key_averages():
+        if e.key.startswith("moe/") or "Backward" in e.key or e.key.startswith("aten::"):
+            rows.append({"name": e.key, "total_ms": e.cpu_time_total / steps / 1000, "self_ms": e.self_cpu_time_total / steps / 1000,
+                         "calls": e.count // steps})
+    rows.sort(key=lambda r: -r["self_ms"])
+    ranges = sorted((r for r in rows if r["name"].startswith("moe/") or r["name"].endswith("Backward")
+                     and not r["name"].startswith("autograd::")), key=lambda r: -r["total_ms"])
+    return ranges + [r for r in rows if r["name"].startswith("aten::")][:12]
+
+
 def time_config(s: Shape, impls: list[str], warmup: int, reps: int, threads: int) -> dict[str, list[float]]:
     built, skipped = {}, {}
     for impl in impls:
@@ -301,6 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--impls", nargs="+", default=MLP_IMPLS + GLU_IMPLS)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
+    ap.add_argument("--profile", action="store_true", help="also profile our dropless layer per configuration")
     ap.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -329,6 +352,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         impls += chosen
 
     records: list[dict] = []
+    profiles: list[dict] = []
     for E in args.experts:
         for k in args.top_k:
             s = Shape(args.tokens, args.d_model, args.hidden, E, k, args.device, args.dtype)
@@ -353,12 +377,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if d and r["peak_mb"] is not None and d["peak_mb"]:
                     r["peak_mb_ratio_vs_dense"] = r["peak_mb"] / d["peak_mb"]
             print_table([r for r in records if r["E"] == E and r["k"] == k])
+            if args.profile:
+                prof = profile_breakdown(s)
+                profiles.append({"E": E, "k": k, "impl": "moeparadigms", "rows": prof})
+                print(f"profile of moeparadigms, E={E} k={k} (ms per step; total includes children):")
+                for r in prof:
+                    print(f"  {r['name']:48s} total {r['total_ms']:8.1f}  self {r['self_ms']:8.1f}  calls {r['calls']}")
+                print(flush=True)
     meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(), "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else argv}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "records": records}, f, indent=1)
+            json.dump({"meta": meta, "records": records, "profiles": profiles}, f, indent=1)
         print(f"wrote {len(records)} records to {args.out}")
     return records
 
