@@ -321,15 +321,8 @@ class _StackedExperts(Experts):
         src = _check_init(init, n, source, self.num_experts)
         remaps = []
         for p in self._params():
-            full = p.full().detach()
-            if init == "copy":
-                rows = full[torch.tensor(src, device=full.device)]
-            elif init == "mean":
-                rows = full.mean(0, keepdim=True).expand(n, *full.shape[1:])
-            else:
-                fan_in = self.d_model if p in (self.w1, self.b1) else self.hidden
-                rows = self._fresh((n, *full.shape[1:]), fan_in).to(full)
-            remaps.append(p.grow(rows))
+            fan_in = self.d_model if p in (self.w1, self.b1) else self.hidden
+            remaps.append(p.grow_init(n, init, src, lambda m, p=p, f=fan_in: self._fresh((m, *p.shape[1:]), f)))
         self.num_experts += n
         return merge_remaps(*remaps)
 

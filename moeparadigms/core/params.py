@@ -14,7 +14,7 @@ applies to an optimizer, carrying per-row state (e.g. Adam moments) over to the 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -120,6 +120,18 @@ class ExpertParam(nn.Module):
         self.blocks.append(p)
         self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(new_rows.shape[0])])
         return {p: [(None, int(new_rows.shape[0]))]}
+
+    def grow_init(self, n: int, init: str, source: list[int], fresh: Callable[[int], Tensor]) -> Remap:
+        """Append ``n`` rows initialised as copies of rows ``source`` (``init="copy"``), the mean of all
+        rows (``"mean"``) or ``fresh(n)`` (``"fresh"``)."""
+        full = self.full().detach()
+        if init == "copy":
+            rows = full[torch.tensor(source, device=full.device)]
+        elif init == "mean":
+            rows = full.mean(0, keepdim=True).expand(n, *full.shape[1:])
+        else:
+            rows = fresh(n).to(full)
+        return self.grow(rows)
 
     def select(self, keep_E: Tensor) -> Remap:
         """Keep only the rows where ``keep_E`` (bool, shape (E,)) is true, in order (pruning)."""

@@ -96,16 +96,7 @@ class Router(nn.Module):
     def grow(self, n: int, init: Init = "fresh", source: Sequence[int] | None = None) -> Remap:
         """Add ``n`` experts' router rows: copies of ``source`` rows, their mean, or fresh."""
         src = _check_init(init, n, source, self.num_experts)
-        remaps = []
-        for p in self._expert_params():
-            full = p.full().detach()
-            if init == "copy":
-                rows = full[torch.tensor(src, device=full.device)]
-            elif init == "mean":
-                rows = full.mean(0, keepdim=True).expand(n, *full.shape[1:])
-            else:
-                rows = self._fresh(p, n).to(full)
-            remaps.append(p.grow(rows))
+        remaps = [p.grow_init(n, init, src, lambda m, p=p: self._fresh(p, m)) for p in self._expert_params()]
         self._grow_buffers(n, init, src)
         self.num_experts += n
         return merge_remaps(*remaps)
