@@ -104,12 +104,10 @@ class _GroupedFFN(torch.autograd.Function):
         W1 = [w1[rows[e][0]][rows[e][1]] for e, _, _ in live]
         W2 = [w2[rows[e][0]][rows[e][1]] for e, _, _ in live]
         h = x.new_empty(x.shape[0], w1[0].shape[-1])
-        grouped_mm_out([x[s:t] for _, s, t in live], W1, [h[s:t] for _, s, t in live], split_rows=True,
-                       bias=None if b1 is None else [b1[rows[e][0]][rows[e][1]] for e, _, _ in live])
+        grouped_mm_out([x[s:t] for _, s, t in live], W1, [h[s:t] for _, s, t in live], bias=None if b1 is None else [b1[rows[e][0]][rows[e][1]] for e, _, _ in live])
         a = _act_fwd(h, act, glu)
         y = x.new_empty(x.shape[0], w2[0].shape[-1])
-        grouped_mm_out([a[s:t] for _, s, t in live], W2, [y[s:t] for _, s, t in live], split_rows=True,
-                       bias=None if b2 is None else [b2[rows[e][0]][rows[e][1]] for e, _, _ in live])
+        grouped_mm_out([a[s:t] for _, s, t in live], W2, [y[s:t] for _, s, t in live], bias=None if b2 is None else [b2[rows[e][0]][rows[e][1]] for e, _, _ in live])
         ctx.save_for_backward(x, h, a, *params)
         ctx.meta = (bounds, rows, act, glu, nb)
         return y
@@ -137,7 +135,7 @@ class _GroupedFFN(torch.autograd.Function):
                 start = sum(params[offset + j].shape[0] for j in range(bi))
                 mine = [(e, s, t) for e, s, t in live if rows[e][0] == bi]
                 grouped_mm_out([lhs[s:t].t() for _, s, t in mine], [rhs[s:t] for _, s, t in mine],
-                               [grad[rows[e][1]] for e, _, _ in mine], split_rows=False)
+                               [grad[rows[e][1]] for e, _, _ in mine])
                 empty = counts[start : start + p.shape[0]] == 0
                 if empty.any():
                     grad[empty] = 0
@@ -160,7 +158,7 @@ class _GroupedFFN(torch.autograd.Function):
         if need_dh:
             W2t = [w2[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
             da = dy.new_empty(a.shape)
-            grouped_mm_out([dy[s:t] for _, s, t in live], W2t, [da[s:t] for _, s, t in live], split_rows=True)
+            grouped_mm_out([dy[s:t] for _, s, t in live], W2t, [da[s:t] for _, s, t in live])
             del a
             dh = _act_bwd(da, h, act, glu)
             del da
@@ -169,7 +167,7 @@ class _GroupedFFN(torch.autograd.Function):
             if needs[0]:
                 dx = x.new_empty(x.shape)
                 W1t = [w1[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
-                grouped_mm_out([dh[s:t] for _, s, t in live], W1t, [dx[s:t] for _, s, t in live], split_rows=True)
+                grouped_mm_out([dh[s:t] for _, s, t in live], W1t, [dx[s:t] for _, s, t in live])
         return (dx, None, None, None, None, None, *g)
 
 
