@@ -131,10 +131,7 @@ class MoE(nn.Module):
             y_TD, losses, stats = self._sparse(x_TD, routing)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        aux = x_TD.new_zeros((), dtype=torch.float32)
-        for name, value in losses.items():
-            if self.coefs.get(name, 0.0):
-                aux = aux + self.coefs[name] * value
+        aux = self.weighted_aux_loss(losses).to(x_TD.device)
         return MoEOutput(y_TD.reshape(*lead, y_TD.shape[-1]).to(x.dtype), aux, losses, stats)
 
     def _task_ids(self, task_id: int | Tensor | None, lead: torch.Size, device: torch.device) -> Tensor | None:
@@ -181,23 +178,38 @@ class MoE(nn.Module):
             y_TD = dsp.combine(y_AD, d, x_TD.shape[0]).to(x_TD.dtype)
             counts, dropped, total = d.counts_E, d.dropped, d.total
 
-        losses: dict[str, Tensor] = {}
-        entropy = x_TD.new_zeros((), dtype=torch.float32)
-        if routing.probs_TE is not None:
-            losses["load_balance"] = L.switch_load_balance_loss(routing.probs_TE, routing.expert_A, E)
-            p = routing.probs_TE.detach()
-            entropy = -(p * torch.log(p.clamp_min(1e-20))).sum()
-        if routing.logits_TE is not None:
-            losses["z_loss"] = L.router_z_loss(routing.logits_TE)
-        if routing.probs_TE is not None and self.coefs["importance"]:
-            gates = routing.probs_TE.new_zeros(routing.probs_TE.shape).index_put(
-                (routing.token_A, routing.expert_A), routing.weight_A.to(routing.probs_TE.dtype), accumulate=True
-            )
-            losses["importance"] = L.importance_loss(gates)
-        if routing.load_prob_TE is not None:
-            losses["load"] = L.load_loss(routing.load_prob_TE)
+        losses, entropy = self._router_losses(routing)
         stats = RoutingStats(counts.detach(), dropped.detach(), torch.tensor(total), entropy, torch.tensor(x_TD.shape[0]))
         return y_TD, losses, stats
+
+    def _router_losses(self, routing: Routing) -> tuple[dict[str, Tensor], Tensor]:
+        """The unweighted auxiliary losses a routing supports, and its summed entropy (detached)."""
+        E = self.router.num_experts
+        losses: dict[str, Tensor] = {}
+        probs = routing.probs_TE
+        entropy = routing.weight_A.new_zeros((), dtype=torch.float32)
+        if probs is not None:
+            losses["load_balance"] = L.switch_load_balance_loss(probs, routing.expert_A, E)
+            p = probs.detach()
+            entropy = -(p * torch.log(p.clamp_min(1e-20))).sum()
+            if self.coefs["importance"]:
+                gates = probs.new_zeros(probs.shape).index_put(
+                    (routing.token_A, routing.expert_A), routing.weight_A.to(probs.dtype), accumulate=True
+                )
+                losses["importance"] = L.importance_loss(gates)
+        if routing.logits_TE is not None:
+            losses["z_loss"] = L.router_z_loss(routing.logits_TE)
+        if routing.load_prob_TE is not None:
+            losses["load"] = L.load_loss(routing.load_prob_TE)
+        return losses, entropy
+
+    def weighted_aux_loss(self, losses: dict[str, Tensor]) -> Tensor:
+        """sum of coefficient * loss over the configured auxiliary losses."""
+        aux = next(iter(losses.values())).new_zeros((), dtype=torch.float32) if losses else torch.zeros(())
+        for name, value in losses.items():
+            if self.coefs.get(name, 0.0):
+                aux = aux + self.coefs[name] * value
+        return aux
 
     def _soft(self, x_GND: Tensor, r: SoftRouting) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
         G, N, D = x_GND.shape
