@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeparadigms.core import FFN, MLPExperts, MoE, TopKRouter
-from moeparadigms.core.parallel import ExpertParallelMoE
+from moeparadigms.core.parallel import ExpertParallelMoE, ignore_expert_parameters_in_ddp
 
 WORLD, T, D, E = 2, 12, 8, 4
 
@@ -55,6 +55,14 @@ def _worker(rank: int, port: int) -> None:
             grad = p_ep.grad.clone()
             dist.all_reduce(grad)
             torch.testing.assert_close(grad, p_ref.grad)
+
+        # under DDP the replicated parameters are averaged and the sharded experts left alone
+        ep2 = ExpertParallelMoE(_build())
+        ignore_expert_parameters_in_ddp(ep2)
+        ddp = torch.nn.parallel.DistributedDataParallel(ep2)
+        (ddp(x_all[sl]).y * g_all[sl]).sum().backward()
+        torch.testing.assert_close(ep2.moe.experts.w1.blocks[0].grad, ref.experts.w1.blocks[0].grad[local])
+        torch.testing.assert_close(ep2.moe.router.gate.blocks[0].grad, ref.router.gate.blocks[0].grad / WORLD)
     finally:
         dist.destroy_process_group()
 
