@@ -130,6 +130,7 @@ class _Permute(torch.autograd.Function):
         return x_TD.index_select(0, perm.token_A)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_AD):  # type: ignore[override]
         perm = ctx.perm
         if perm.has_drops:
@@ -155,6 +156,7 @@ class _Unpermute(torch.autograd.Function):
         return torch.bmm(w.unsqueeze(1), y_TKD).squeeze(1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD):  # type: ignore[override]
         y_TKD, w = ctx.saved_tensors
         perm = ctx.perm

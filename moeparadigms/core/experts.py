@@ -30,7 +30,7 @@ from .params import ExpertParam, Remap, merge_remaps
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 Init = Literal["copy", "mean", "fresh"]
-Backend = Literal["auto", "loop", "grouped_mm"]
+Backend = Literal["auto", "loop", "grouped_mm", "autograd"]
 
 _FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -113,6 +113,7 @@ class _GroupedFFN(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
         bounds, rows, act, glu, nb = ctx.meta
         x, h, a, *params = ctx.saved_tensors
@@ -185,6 +186,9 @@ class Experts(nn.Module):
 
     num_experts: int
     d_model: int
+    #: True when the bank is built from plain differentiable ops (double backward, torch.func); the layer
+    #: then also dispatches with plain ops instead of its custom-gradient gathers
+    plain_autograd: bool = False
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -239,8 +243,10 @@ class _StackedExperts(Experts):
         super().__init__()
         _check_positive(d_model=d_model, hidden=hidden, num_experts=num_experts)
         check_activation(activation)
-        if backend not in ("auto", "loop", "grouped_mm"):
-            raise ValueError(f"backend={backend!r} is not supported; choose one of ['auto', 'grouped_mm', 'loop']")
+        if backend not in ("auto", "loop", "grouped_mm", "autograd"):
+            raise ValueError(
+                f"backend={backend!r} is not supported; choose one of ['auto', 'autograd', 'grouped_mm', 'loop']"
+            )
         self.d_model, self.hidden, self.num_experts = d_model, hidden, num_experts
         self.activation, self.bias, self.backend = activation, bias, backend
         h1 = 2 * hidden if self.glu else hidden
@@ -271,6 +277,10 @@ class _StackedExperts(Experts):
             f"d_model={self.d_model}, hidden={self.hidden}, num_experts={self.num_experts}, "
             f"activation={self.activation!r}, bias={self.bias}, backend={self.backend!r}"
         )
+
+    @property
+    def plain_autograd(self) -> bool:
+        return self.backend == "autograd"
 
     def _use_grouped_mm(self, x: Tensor) -> bool:
         if self.backend == "grouped_mm":
@@ -303,10 +313,28 @@ class _StackedExperts(Experts):
             if self.b2 is not None:
                 y = y + self.b2.full().to(dtype)[expert_A]
             return y
+        if self.backend == "autograd":
+            return self._forward_autograd(x, counts_E, dtype)
         layout = [b.shape[0] for b in self.w1.blocks]
         flat = [b.to(dtype) for p in params for b in p.blocks]
         rows = _expert_rows(layout, self.num_experts)
         return _GroupedFFN.apply(x, _bounds(counts_E), rows, self.activation, self.glu, len(layout), *flat)
+
+    def _forward_autograd(self, x: Tensor, counts_E: Tensor, dtype: torch.dtype) -> Tensor:
+        """Plain differentiable ops, one expert at a time: slow, but it supports double backward and
+        ``torch.func`` transforms (second-order MAML)."""
+        outs = []
+        for e, (s, t) in enumerate(_bounds(counts_E)):
+            if t == s:
+                continue
+            h = x[s:t] @ self.w1.row(e).to(dtype)
+            if self.b1 is not None:
+                h = h + self.b1.row(e).to(dtype)
+            y = _act_fwd(h, self.activation, self.glu) @ self.w2.row(e).to(dtype)
+            if self.b2 is not None:
+                y = y + self.b2.row(e).to(dtype)
+            outs.append(y)
+        return torch.cat(outs, 0) if outs else x.new_zeros(0, self.d_model)
 
     # ------------------------------------------------------------------ growth
     @property
@@ -361,7 +389,8 @@ class GLUExperts(_StackedExperts):
 
 
 class ModuleExperts(Experts):
-    """A bank of arbitrary modules, each mapping ``(n, D) -> (n, D)``; evaluated one expert at a time.
+    """A bank of arbitrary modules, each mapping ``(n, D) -> (n, D)``; evaluated one expert at a time
+    with plain autograd (so double backward and ``torch.func`` work through it).
 
     Give the list (``experts=[...]``) or one ``prototype`` and ``num_experts`` (deep copies, each
     re-initialised with its submodules' ``reset_parameters``).
@@ -390,6 +419,8 @@ class ModuleExperts(Experts):
         self.d_model = d_model
         self.experts = nn.ModuleList(experts)
         self.register_buffer("_frozen", torch.zeros(len(experts), dtype=torch.bool))
+
+    plain_autograd = True
 
     @property
     def num_experts(self) -> int:  # type: ignore[override]

@@ -155,7 +155,7 @@ class MoE(nn.Module):
 
     def _sparse(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
         E = self.num_experts
-        if routing.ids_TK is not None and routing.weights_TK is not None:
+        if routing.ids_TK is not None and routing.weights_TK is not None and not self.experts.plain_autograd:
             # token choice: sorting is a permutation of the T*K choices, both directions are plain gathers
             cap = None if self.capacity_factor is None else dsp.capacity(routing.ids_TK.numel(), E, self.capacity_factor)
             with record_function("moe/permute"):

@@ -41,6 +41,7 @@ ROUTERS = {
 EXPERTS = {
     "mlp-gelu-bias": lambda: MLPExperts(d_model=D, hidden=6, num_experts=E, bias=True),
     "mlp-relu": lambda: MLPExperts(d_model=D, hidden=6, num_experts=E, activation="relu"),
+    "mlp-autograd": lambda: MLPExperts(d_model=D, hidden=6, num_experts=E, bias=True, backend="autograd"),
     "swiglu": lambda: GLUExperts(d_model=D, hidden=6, num_experts=E, bias=True),
     "modules": lambda: ModuleExperts(
         d_model=D, prototype=nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, D)), num_experts=E
@@ -230,3 +231,25 @@ def test_grouped_gemm_paths_match_reference(monkeypatch, threads, extension):
     _check_against_reference(moe, torch.randn(4, 9, D))
     glu = MoE(router=ROUTERS["expert-choice"](), experts=EXPERTS["swiglu"]())
     _check_against_reference(glu, torch.randn(4, 9, D))
+
+
+@pytest.mark.parametrize("experts", ["mlp-autograd", "modules"])
+def test_plain_autograd_banks_support_double_backward(experts):
+    """Second-order MAML needs gradients of gradients: checked against finite differences."""
+    torch.manual_seed(0)
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS[experts]()).double().eval()
+    x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda inp: moe(inp).y, (x,), atol=1e-5)
+    # and through the parameters: d/dW of a gradient norm exists and is non-zero
+    (gx,) = torch.autograd.grad(moe(x).y.square().sum(), x, create_graph=True)
+    params = [p for p in moe.experts.parameters()]
+    second = torch.autograd.grad(gx.square().sum(), params)
+    assert any(g.abs().sum() > 0 for g in second)
+
+
+def test_fast_path_refuses_double_backward_clearly():
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-relu"]())
+    x = torch.randn(5, D, requires_grad=True)
+    (gx,) = torch.autograd.grad(moe(x).y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(gx.square().sum(), list(moe.experts.parameters()))
