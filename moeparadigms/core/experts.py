@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._kernels import grouped_mm_out
+from .dispatch import TopKPermutation, permute_topk
 from .params import ExpertParam, Remap, merge_remaps
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
@@ -86,7 +87,12 @@ def _act_bwd(da: Tensor, h: Tensor, act: str, glu: bool) -> Tensor:
             return torch.ops.aten.gelu_backward.grad_input(da, h, approximate=approx, grad_input=da)
         return _BACKWARD[act](da, h)
     gate, up = h.chunk(2, dim=-1)
-    return torch.cat([_BACKWARD[act](da * up, gate), da * _FORWARD[act](gate)], dim=-1)
+    dh = torch.empty_like(h)
+    d_gate, d_up = dh.chunk(2, dim=-1)
+    torch.mul(da, _FORWARD[act](gate), out=d_up)
+    torch.mul(da, up, out=d_gate)
+    d_gate.copy_(_BACKWARD[act](d_gate, gate))
+    return dh
 
 
 class _GroupedFFN(torch.autograd.Function):
@@ -94,31 +100,37 @@ class _GroupedFFN(torch.autograd.Function):
 
     Every GEMM (forward, input gradient, weight gradient) goes through
     :func:`~moeparadigms.core._kernels.grouped_mm_out` straight into slices of preallocated buffers.
+    Memory: only the pre-activation ``h`` is saved (the activation is recomputed in the backward), and
+    with ``perm`` the rows are gathered from the token-order input inside the function and gathered
+    again in the backward instead of keeping the (K times larger) sorted copy alive.
     """
 
     @staticmethod
-    def forward(ctx, x, bounds, rows, act, glu, nb, *params):  # type: ignore[override]
+    def forward(ctx, x, perm, bounds, rows, act, glu, nb, *params):  # type: ignore[override]
         w1, w2 = params[:nb], params[nb : 2 * nb]
         b1, b2 = (params[2 * nb : 3 * nb], params[3 * nb :]) if len(params) > 2 * nb else (None, None)
+        xs = x if perm is None else x.index_select(0, perm.token_A)
         live = [(e, s, t) for e, (s, t) in enumerate(bounds) if t > s]
         W1 = [w1[rows[e][0]][rows[e][1]] for e, _, _ in live]
         W2 = [w2[rows[e][0]][rows[e][1]] for e, _, _ in live]
-        h = x.new_empty(x.shape[0], w1[0].shape[-1])
-        grouped_mm_out([x[s:t] for _, s, t in live], W1, [h[s:t] for _, s, t in live], bias=None if b1 is None else [b1[rows[e][0]][rows[e][1]] for e, _, _ in live])
+        h = xs.new_empty(xs.shape[0], w1[0].shape[-1])
+        grouped_mm_out([xs[s:t] for _, s, t in live], W1, [h[s:t] for _, s, t in live],
+                       bias=None if b1 is None else [b1[rows[e][0]][rows[e][1]] for e, _, _ in live])
         a = _act_fwd(h, act, glu)
-        y = x.new_empty(x.shape[0], w2[0].shape[-1])
-        grouped_mm_out([a[s:t] for _, s, t in live], W2, [y[s:t] for _, s, t in live], bias=None if b2 is None else [b2[rows[e][0]][rows[e][1]] for e, _, _ in live])
-        ctx.save_for_backward(x, h, a, *params)
-        ctx.meta = (bounds, rows, act, glu, nb)
+        y = xs.new_empty(xs.shape[0], w2[0].shape[-1])
+        grouped_mm_out([a[s:t] for _, s, t in live], W2, [y[s:t] for _, s, t in live],
+                       bias=None if b2 is None else [b2[rows[e][0]][rows[e][1]] for e, _, _ in live])
+        ctx.save_for_backward(x, h, *params)
+        ctx.meta = (perm, bounds, rows, act, glu, nb)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        bounds, rows, act, glu, nb = ctx.meta
-        x, h, a, *params = ctx.saved_tensors
+        perm, bounds, rows, act, glu, nb = ctx.meta
+        x, h, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        need_p = needs[6:]
+        need_p = needs[7:]
         w1, w2 = params[:nb], params[nb : 2 * nb]
         has_bias = len(params) > 2 * nb
         dy = dy.contiguous()
@@ -152,24 +164,39 @@ class _GroupedFFN(torch.autograd.Function):
                     g[offset + bi] = per_expert[start : start + n].clone()
                 start += n
 
-        weight_grads(nb, a, dy)
+        if any(need_p[nb : 2 * nb]):
+            weight_grads(nb, _act_fwd(h, act, glu), dy)  # the activation, recomputed, dies right after
         bias_grads(3 * nb, dy)
         dx = None
         need_dh = needs[0] or any(need_p[:nb]) or (has_bias and any(need_p[2 * nb : 3 * nb]))
         if need_dh:
             W2t = [w2[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
-            da = dy.new_empty(a.shape)
+            da = dy.new_empty(h.shape[0], w2[0].shape[1])
             grouped_mm_out([dy[s:t] for _, s, t in live], W2t, [da[s:t] for _, s, t in live])
-            del a
             dh = _act_bwd(da, h, act, glu)
             del da
-            weight_grads(0, x, dh)
+            xs = x if perm is None else x.index_select(0, perm.token_A)
+            weight_grads(0, xs, dh)
+            del xs
             bias_grads(2 * nb, dh)
             if needs[0]:
-                dx = x.new_empty(x.shape)
+                dxs = dh.new_empty(dh.shape[0], x.shape[-1])
                 W1t = [w1[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
-                grouped_mm_out([dh[s:t] for _, s, t in live], W1t, [dx[s:t] for _, s, t in live])
-        return (dx, None, None, None, None, None, *g)
+                grouped_mm_out([dh[s:t] for _, s, t in live], W1t, [dxs[s:t] for _, s, t in live])
+                dx = dxs if perm is None else _gather_back(dxs, perm)
+        return (dx, None, None, None, None, None, None, *g)
+
+
+def _gather_back(g_AD: Tensor, perm) -> Tensor:
+    """Gradient of ``x_TD.index_select(0, perm.token_A)``: a gather through the inverse permutation and a
+    sum over each token's K rows (dropped choices read a zero row)."""
+    if perm.has_drops:
+        g_AD = torch.cat([g_AD, g_AD.new_zeros(1, g_AD.shape[-1])], 0)
+    inverse_TK = perm.inverse_A.view(-1, perm.top_k)
+    g = g_AD.index_select(0, inverse_TK[:, 0])
+    for k in range(1, perm.top_k):  # one (T, D) temporary at a time, not a (T*K, D) one
+        g.add_(g_AD.index_select(0, inverse_TK[:, k]))
+    return g
 
 
 def _bounds(counts_E: Tensor) -> list[tuple[int, int]]:
@@ -192,6 +219,10 @@ class Experts(nn.Module):
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def forward_gathered(self, x_TD: Tensor, perm: TopKPermutation) -> Tensor:
+        """Experts applied to the rows ``x_TD[perm.token_A]`` (the dropless top-k layout)."""
+        return self(permute_topk(x_TD, perm), perm.counts_E)
 
     @property
     def frozen(self) -> Tensor:
@@ -294,13 +325,23 @@ class _StackedExperts(Experts):
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         """Apply each expert to its slice of ``x_AD`` (rows sorted by expert, ``counts_E`` per expert)."""
-        if torch.is_autocast_enabled(x_AD.device.type):
-            dtype = torch.get_autocast_dtype(x_AD.device.type)
-            with torch.autocast(x_AD.device.type, enabled=False):
-                return self._forward(x_AD.to(dtype), counts_E, dtype)
-        return self._forward(x_AD, counts_E, x_AD.dtype)
+        return self._cast_and_run(x_AD, counts_E, None)
 
-    def _forward(self, x: Tensor, counts_E: Tensor, dtype: torch.dtype) -> Tensor:
+    def forward_gathered(self, x_TD: Tensor, perm: TopKPermutation) -> Tensor:
+        """Same as ``forward(permute_topk(x_TD, perm), perm.counts_E)``, without keeping the sorted copy
+        of the input alive for the backward (the CPU kernel gathers it again)."""
+        if self.backend == "autograd" or self._use_grouped_mm(x_TD):
+            return super().forward_gathered(x_TD, perm)
+        return self._cast_and_run(x_TD, perm.counts_E, perm)
+
+    def _cast_and_run(self, x: Tensor, counts_E: Tensor, perm: TopKPermutation | None) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.to(dtype), counts_E, dtype, perm)
+        return self._forward(x, counts_E, x.dtype, perm)
+
+    def _forward(self, x: Tensor, counts_E: Tensor, dtype: torch.dtype, perm: TopKPermutation | None = None) -> Tensor:
         params = self._params()
         if self._use_grouped_mm(x):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -318,7 +359,7 @@ class _StackedExperts(Experts):
         layout = [b.shape[0] for b in self.w1.blocks]
         flat = [b.to(dtype) for p in params for b in p.blocks]
         rows = _expert_rows(layout, self.num_experts)
-        return _GroupedFFN.apply(x, _bounds(counts_E), rows, self.activation, self.glu, len(layout), *flat)
+        return _GroupedFFN.apply(x, perm, _bounds(counts_E), rows, self.activation, self.glu, len(layout), *flat)
 
     def _forward_autograd(self, x: Tensor, counts_E: Tensor, dtype: torch.dtype) -> Tensor:
         """Plain differentiable ops, one expert at a time: slow, but it supports double backward and

@@ -160,9 +160,8 @@ class MoE(nn.Module):
             cap = None if self.capacity_factor is None else dsp.capacity(routing.ids_TK.numel(), E, self.capacity_factor)
             with record_function("moe/permute"):
                 perm = dsp.topk_permutation(routing.ids_TK, E, cap)
-                x_AD = dsp.permute_topk(x_TD, perm)
             with record_function("moe/experts"):
-                y_AD = self.experts(x_AD, perm.counts_E)
+                y_AD = self.experts.forward_gathered(x_TD, perm)
             with record_function("moe/unpermute"):
                 y_TD = dsp.unpermute_topk(y_AD, routing.weights_TK, perm).to(x_TD.dtype)
             counts, dropped, total = perm.counts_E, perm.dropped, routing.ids_TK.numel()

@@ -253,3 +253,15 @@ def test_fast_path_refuses_double_backward_clearly():
     (gx,) = torch.autograd.grad(moe(x).y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
         torch.autograd.grad(gx.square().sum(), list(moe.experts.parameters()))
+
+
+def test_backward_twice_with_retained_graph_accumulates():
+    """PCGrad-style code calls backward several times through one graph (retain_graph=True)."""
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-gelu-bias"](), capacity_factor=0.8)
+    x = torch.randn(16, D, requires_grad=True)
+    y = moe(x).y
+    (g1,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+    (g3,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g1, g3)
+    assert not torch.allclose(g1, g2)
