@@ -16,8 +16,9 @@ Timing: all implementations of a configuration are built up front and run interl
 per round, order rotated every round) so machine noise hits all alike; after ``--warmup`` rounds the
 median of ``--reps`` rounds is reported. A step is ``y = layer(x); y.backward(g)`` with a fixed random
 upstream gradient ``g`` and gradients set to None before each step. Peak memory: each implementation
-runs again in its own subprocess (glibc told to return freed memory at once, so the resident set tracks
-live tensors); ``peak_mb`` = peak resident set during one step minus the resident set just before it.
+runs again in its own subprocess; ``peak_mb`` is the peak of live tensor bytes during one step above the
+level before it, from torch.profiler's allocation events (``peak_rss_mb``, the resident-set view, is
+kept beside it).
 
     python scripts/bench_core.py --out benchmarks/results/core_cpu.json            # full run
     python scripts/bench_core.py --quick --out /tmp/core.json                      # seconds-long smoke run
@@ -218,7 +219,12 @@ def _hwm_mb() -> float:
 
 
 def measure_memory_child(impl: str, s: Shape, threads: int) -> None:
-    """Runs in a subprocess: one warm-up step, then the peak resident set of one more step."""
+    """Runs in a subprocess: one warm-up step, then the memory of one more step, two ways.
+
+    ``peak_mb``: the peak of live tensor bytes during the step above the level before it, from the
+    allocation events torch.profiler records for every tensor (the same accounting for every
+    implementation, whatever their allocation patterns). ``peak_rss_mb``: the peak resident set during
+    the step minus the resident set before it (includes allocator effects, so it is noisier)."""
     torch.set_num_threads(threads)
     _, step = build(impl, s)
     x, g = _inputs(s, 1)
@@ -227,24 +233,33 @@ def measure_memory_child(impl: str, s: Shape, threads: int) -> None:
     import gc
 
     gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(x, g)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    x.grad = None
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set (VmHWM) to the current one
     before = _rss_mb()
     step(x, g)
-    print(json.dumps({"peak_mb": _hwm_mb() - before}))
+    print(json.dumps({"peak_mb": peak / 2**20, "peak_rss_mb": _hwm_mb() - before}))
 
 
-def peak_memory(impl: str, s: Shape, threads: int) -> float | None:
+def peak_memory(impl: str, s: Shape, threads: int) -> dict[str, float | None]:
     if s.device.startswith("cuda"):
-        return _peak_memory_cuda(impl, s)
+        return {"peak_mb": _peak_memory_cuda(impl, s), "peak_rss_mb": None}
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--_memory", impl, json.dumps(s.__dict__), "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         print(f"  memory run of {impl} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+        return {"peak_mb": None, "peak_rss_mb": None}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _peak_memory_cuda(impl: str, s: Shape) -> float:
@@ -360,12 +375,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             times = time_config(s, impls, args.warmup, args.reps, args.threads)
             med = {i: statistics.median(t) for i, t in times.items()}
             for impl in times:
-                mem = None if args.no_memory else peak_memory(impl, s, args.threads)
+                mem = {"peak_mb": None, "peak_rss_mb": None} if args.no_memory else peak_memory(impl, s, args.threads)
                 dense = DENSE_OF[impl]
                 records.append({
                     "E": E, "k": k, "impl": impl, "median_s": med[impl],
                     "ratio_vs_dense": med[impl] / med[dense] if dense in med else None,
-                    "peak_mb": mem,
+                    "peak_mb": mem["peak_mb"], "peak_rss_mb": mem["peak_rss_mb"],
                     "family": "glu" if dense == "dense-glu" else "mlp", "dense_impl": dense,
                     "tokens": s.tokens, "d_model": s.d_model, "hidden": s.hidden, "dtype": s.dtype, "device": s.device,
                     "threads": args.threads, "reps": args.reps, "times_s": times[impl],

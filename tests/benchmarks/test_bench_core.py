@@ -32,8 +32,9 @@ def test_bench_core_quick_smoke(tmp_path):
 def test_bench_core_peak_memory_subprocess():
     ns = runpy.run_path(str(SCRIPT), run_name="bench_core")
     shape = ns["Shape"](tokens=128, d_model=32, hidden=64, E=4, k=2)
-    mb = ns["peak_memory"]("moeparadigms", shape, 1)
-    assert mb is not None and 0 <= mb < 200
+    mem = ns["peak_memory"]("moeparadigms", shape, 1)
+    # activations alone: 128 tokens x 2 choices x 64 hidden x 4 bytes = 64 KiB, so well above 0.05 MB
+    assert mem["peak_mb"] is not None and 0.05 < mem["peak_mb"] < 50
 
 
 def test_bench_core_rejects_bad_arguments():
