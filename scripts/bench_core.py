@@ -45,6 +45,7 @@ MLP_IMPLS = ["dense", "moeparadigms", "moeparadigms-capacity", "naive-loop", "de
 GLU_IMPLS = ["dense-glu", "moeparadigms-glu", "transformers-mixtral-eager", "transformers-mixtral-grouped_mm"]
 DENSE_OF = {i: "dense" for i in MLP_IMPLS} | {i: "dense-glu" for i in GLU_IMPLS}
 CAPACITY_FACTOR = 1.25
+SEQ_LEN = 1024
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,9 @@ def build(impl: str, s: Shape) -> tuple[nn.Module, Callable[[torch.Tensor, torch
     def step(x: torch.Tensor, g: torch.Tensor) -> None:
         for p in params:
             p.grad = None
-        inp = x.unsqueeze(0) if three_d else x
+        # the sequence-shaped peers get sequences of SEQ_LEN tokens (st-moe-pytorch routes, and sizes its
+        # capacity, per sequence: one 8,192-token sequence would inflate its dense dispatch tensors)
+        inp = x.view(-1, min(SEQ_LEN, x.shape[0]), x.shape[-1]) if three_d else x
         out = m(inp)
         y = out[0] if isinstance(out, tuple) else getattr(out, "y", getattr(out, "outputs", out))
         y.reshape(g.shape).backward(g)
@@ -340,7 +343,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
     ap.add_argument("--profile", action="store_true", help="also profile our dropless layer per configuration")
     ap.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--markdown", metavar="JSON", help="print the Markdown tables of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown_tables(json.load(f)["records"]))
+        return []
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device} asked for, but torch.cuda.is_available() is False")
     if args._memory:
@@ -354,6 +362,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in ("tokens", "d_model", "hidden", "warmup", "reps", "threads"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.tokens % min(SEQ_LEN, args.tokens):
+        ap.error(f"--tokens must be a multiple of {SEQ_LEN} (peers take sequences of {SEQ_LEN}), got {args.tokens}")
     unknown = set(args.impls) - set(MLP_IMPLS + GLU_IMPLS)
     if unknown:
         ap.error(f"unknown --impls {sorted(unknown)}; choose from {MLP_IMPLS + GLU_IMPLS}")
@@ -407,6 +417,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
             json.dump({"meta": meta, "records": records, "profiles": profiles}, f, indent=1)
         print(f"wrote {len(records)} records to {args.out}")
     return records
+
+
+def markdown_tables(records: list[dict]) -> str:
+    """One Markdown table per family: median time, ratio to its dense equivalent, peak memory."""
+    out = []
+    for family, title in (("mlp", "MLP (GELU) experts, vs dense FFN of hidden k*h"), ("glu", "SwiGLU experts, vs dense SwiGLU FFN of hidden k*h")):
+        rows = [r for r in records if r["family"] == family]
+        if not rows:
+            continue
+        configs = sorted({(r["E"], r["k"]) for r in rows})
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        out.append(f"**{title}** (median ms over the reps / ratio to dense / peak MB)\n")
+        out.append("| impl | " + " | ".join(f"E={E} k={k}" for E, k in configs) + " |")
+        out.append("|---|" + "---|" * len(configs))
+        for impl in impls:
+            cells = []
+            for E, k in configs:
+                r = next((r for r in rows if r["impl"] == impl and r["E"] == E and r["k"] == k), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                mem = f"{r['peak_mb']:.0f} MB" if r.get("peak_mb") is not None else "-"
+                cells.append(f"{1000 * r['median_s']:.0f} ms / **{r['ratio_vs_dense']:.2f}x** / {mem}")
+            out.append(f"| {impl} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def print_table(rows: list[dict]) -> None:
