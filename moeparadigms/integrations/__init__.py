@@ -1,0 +1,1 @@
+"""Bridges from the moeparadigms MoE to other continual-learning / training libraries."""

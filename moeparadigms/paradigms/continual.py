@@ -1,0 +1,601 @@
+"""Continual learning with a growing Mixture of Experts, in one ``trainer.fit``.
+
+The DataModule (``moeparadigms.benchmarks.continual``) serves experience ``epoch // epochs_per_experience``;
+at the first epoch of each experience a :class:`GrowthPolicy` decides whether the MoE grows experts,
+freezes old ones or re-uses them; after every experience the model is evaluated on every experience of
+the stream, which fills the accuracy matrix (``continual_metrics.AccuracyMatrix``). Because all state
+(experts, router masks, statistics, the matrix) lives in the module, Lightning's checkpoints resume the
+stream mid-way, also across a growth boundary.
+
+Network, one *path* per experience ``t``::
+
+    x -> inp (Linear) -> h + MoE(LayerNorm(h), task_id=t) -> LayerNorm -> heads[t] (classes of t only)
+
+The MoE's :class:`ExperienceRouter` lets experience ``t`` route only to the experts the growth policy
+gave it, so once those experts, their router rows and the head are frozen, path ``t`` computes exactly
+what it computed when ``t`` was learned.
+
+Router drift guard (why this one): a learned router trained only on the newest experience drifts to the
+newest experts for every input, including old classes, and a router trained on it cannot be corrected
+without old data. We therefore (1) freeze old experts *and* their router rows, (2) mask routing by
+experience, and (3) at test time without a task id (class- and domain-incremental) infer the experience
+from per-class Gaussian statistics of the inputs, as in SEED / FeCAM: ``p(t | x)`` from class means and
+shrunk covariances stored per experience (no exemplars), then ``p(y | x) = sum_t p(t | x) p(y | x, t)``.
+The statistics are computed on the raw inputs, which never drift. With a replay buffer (Avalanche's
+``ClassBalancedBuffer``), a per-experience bias on ``log p(t | x)`` is fitted on the buffer after each
+experience (bias correction as in BiC).
+
+Shape legend: B batch, F input features, D model width, C classes, T experiences, E experts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import MoE, TopKRouter, remap_optimizer
+from ..core.experts import Init
+from ..core.params import Remap, merge_remaps
+from ..nets import MoEBlock
+from .continual_metrics import AccuracyMatrix, plot_accuracy_matrix, plot_expert_usage
+
+SETTINGS = ("class-incremental", "domain-incremental", "task-incremental")
+_MASKED = -1e9  # finite "minus infinity": the core checks router logits are finite
+
+
+# ---------------------------------------------------------------------------------------------- router
+class ExperienceRouter(TopKRouter):
+    """Top-k router restricted, per experience, to the experts a growth policy allowed it.
+
+    ``allowed[t, e]`` says whether experience ``t`` may route to expert ``e`` (a buffer, so it is saved
+    in checkpoints and grows with the experts); an experience with no allowed expert yet routes over
+    all experts. ``task_id_T`` (one experience id per token) is required.
+    """
+
+    def __init__(self, *, d_model: int, num_experts: int, max_experiences: int = 20, top_k: int = 1,
+                 temperature: float = 1.0) -> None:
+        super().__init__(d_model=d_model, num_experts=num_experts, top_k=top_k, noisy=False, temperature=temperature)
+        if not isinstance(max_experiences, int) or max_experiences < 1:
+            raise ValueError(f"max_experiences must be an integer >= 1, got {max_experiences!r}")
+        self.max_experiences = max_experiences
+        self.register_buffer("allowed", torch.zeros(max_experiences, num_experts, dtype=torch.bool))
+
+    def _scores(self, x_TD: Tensor, task_id_T: Tensor | None) -> Tensor:
+        if task_id_T is None:
+            raise ValueError("ExperienceRouter needs task_id (the experience of each token); got task_id=None")
+        logits = super()._scores(x_TD, task_id_T)
+        allowed = self.allowed[task_id_T]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # nothing assigned yet: route over all experts
+        return logits.masked_fill(~allowed, _MASKED)
+
+    def _grow_buffers(self, n: int, init: Init, src: list[int]) -> None:
+        self.allowed = torch.cat([self.allowed, self.allowed.new_zeros(self.max_experiences, n)], dim=1)
+
+    def _prune_buffers(self, keep_E: Tensor) -> None:
+        self.allowed = self.allowed[:, keep_E.to(self.allowed.device)]
+
+
+# ---------------------------------------------------------------------------------------------- task inference
+class GaussianTaskInference(nn.Module):
+    """Per (experience, class) input means and shrunk covariances; ``log p(t | x)`` from them.
+
+    ``Sigma_tc' = (1 - shrinkage) Sigma_tc + shrinkage * mean(diag Sigma_tc) I`` keeps the covariance
+    invertible with few samples per class (FeCAM's shrinkage). Only statistics are stored, never samples.
+    """
+
+    def __init__(self, *, num_experiences: int, num_classes: int, in_features: int, shrinkage: float = 0.05) -> None:
+        super().__init__()
+        if not 0 < shrinkage <= 1:
+            raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage!r}")
+        self.shrinkage = shrinkage
+        T, C, Fd = num_experiences, num_classes, in_features
+        self.register_buffer("count", torch.zeros(T, C, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(T, C, Fd, dtype=torch.float64))
+        self.register_buffer("cov", torch.zeros(T, C, Fd, Fd, dtype=torch.float64))
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self, experience: int, x_BF: Tensor, y_B: Tensor) -> None:
+        x = x_BF.flatten(1).double().to(self.mean.device)
+        for c in torch.unique(y_B).tolist():
+            xc = x[y_B.to(x.device) == c]
+            mu = xc.mean(0)
+            d = xc - mu
+            self.count[experience, c] = xc.shape[0]
+            self.mean[experience, c] = mu
+            self.cov[experience, c] = d.T @ d / max(xc.shape[0] - 1, 1)
+        self._cache = None
+
+    def _precisions(self) -> tuple[Tensor, Tensor]:
+        if self._cache is None:
+            Fd = self.cov.shape[-1]
+            eye = torch.eye(Fd, dtype=self.cov.dtype, device=self.cov.device)
+            scale = self.cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-6)[..., None, None]
+            S = (1 - self.shrinkage) * self.cov + self.shrinkage * scale * eye
+            S = torch.where(self.count[..., None, None] > 0, S, eye)  # unseen (t, c): placeholder, masked below
+            L = torch.linalg.cholesky(S)
+            self._cache = (torch.cholesky_inverse(L), 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1))
+        return self._cache
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def log_posterior(self, x_BF: Tensor) -> Tensor:
+        """``(B, T)`` log p(t | x) over experiences with statistics (uniform prior over them; -inf for the
+        others); all zeros (uniform) before any experience has statistics."""
+        x = x_BF.flatten(1).double().to(self.mean.device)
+        seen_TC = self.count > 0
+        if not seen_TC.any():
+            return x.new_zeros(x.shape[0], self.count.shape[0]).float()
+        P, logdet = self._precisions()
+        d = x[:, None, None, :] - self.mean[None]  # (B, T, C, F)
+        maha = torch.einsum("btcf,tcfg,btcg->btc", d, P, d)
+        prior = (self.count / self.count.sum(-1, keepdim=True).clamp_min(1)).clamp_min(1e-300).log()
+        ll = -0.5 * (maha + logdet + x.shape[1] * math.log(2 * math.pi)) + prior
+        ll = ll.masked_fill(~seen_TC, -math.inf)
+        log_px_t = torch.logsumexp(ll, dim=-1)  # (B, T): -inf for experiences without statistics
+        return torch.log_softmax(log_px_t, dim=-1).float()
+
+
+# ---------------------------------------------------------------------------------------------- growth policies
+@dataclass
+class Decision:
+    """What happens at an experience boundary: ``grow`` new experts (0: none), or re-use the experts of
+    experience ``reuse`` (None: the new ones, or all experts when the policy shares them)."""
+
+    grow: int = 0
+    reuse: int | None = None
+
+
+class GrowthPolicy:
+    """Decides, at the start of each experience, how the MoE changes. ``freezes`` policies freeze every
+    old expert, router row and head (and, with ``freeze_shared``, the input layer and norms after the
+    first experience) so old paths stay bit-identical."""
+
+    freezes: bool = True
+    freeze_shared: bool = True
+    experts: int = 1
+    init: Init = "fresh"
+
+    def decide(self, module: ContinualMoE, experience: int, x_BF: Tensor, y_B: Tensor) -> Decision:
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+def _check_growth_args(experts: int, init: str) -> None:
+    if not isinstance(experts, int) or experts < 1:
+        raise ValueError(f"experts must be an integer >= 1 (experts added per experience), got {experts!r}")
+    if init not in ("fresh", "copy", "mean"):
+        raise ValueError(f"init={init!r} is not supported; choose one of ['copy', 'fresh', 'mean']")
+
+
+class ExpertPerExperience(GrowthPolicy):
+    """Add ``experts`` experts for every new experience (the first experience takes the MoE's initial
+    experts) and freeze the old ones. ``init``: new experts start ``"fresh"``, as a ``"copy"`` of the
+    previous experience's last expert, or as the ``"mean"`` of all."""
+
+    def __init__(self, *, experts: int = 1, init: Init = "fresh", freeze_shared: bool = True) -> None:
+        _check_growth_args(experts, init)
+        self.experts, self.init, self.freeze_shared = experts, init, freeze_shared
+
+    def decide(self, module: ContinualMoE, experience: int, x_BF: Tensor, y_B: Tensor) -> Decision:
+        return Decision(grow=self.experts if experience > 0 else 0)
+
+
+class GrowOnDemand(GrowthPolicy):
+    """Grow only when the existing experts do not already solve the new experience (Expert Gate's
+    relatedness test, with the model's own paths as the gate).
+
+    For each earlier experience ``s`` whose classes cover the new labels, the new data is run through
+    path ``s``; ``signal="loss"`` measures its cross-entropy, ``"entropy"`` its mean normalised
+    predictive entropy (the router's uncertainty about which path fits). If the best value is at most
+    ``threshold`` the new experience re-uses ``s``'s (frozen) experts and trains only a head copied from
+    ``s``; otherwise ``experts`` new experts are added. New classes are never covered, so in the
+    class-incremental setting this policy always grows.
+    """
+
+    def __init__(self, *, threshold: float = 0.5, signal: Literal["loss", "entropy"] = "loss", experts: int = 1,
+                 init: Init = "fresh", freeze_shared: bool = True) -> None:
+        _check_growth_args(experts, init)
+        if signal not in ("loss", "entropy"):
+            raise ValueError(f"signal={signal!r} is not supported; choose one of ['entropy', 'loss']")
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold!r}")
+        self.threshold, self.signal = threshold, signal
+        self.experts, self.init, self.freeze_shared = experts, init, freeze_shared
+        self.last_scores: dict[int, float] = {}
+
+    @torch.no_grad()
+    def decide(self, module: ContinualMoE, experience: int, x_BF: Tensor, y_B: Tensor) -> Decision:
+        if experience == 0:
+            return Decision()
+        labels = torch.unique(y_B)
+        scores: dict[int, float] = {}
+        for s in range(experience):
+            if not bool(module.class_mask[s, labels].all()):
+                continue
+            logits = module.path_logits(x_BF, s)[0]
+            if self.signal == "loss":
+                scores[s] = F.cross_entropy(logits, y_B).item()
+            else:
+                p = logits.softmax(-1)
+                k = int(module.class_mask[s].sum())
+                ent = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(max(k, 2))
+                scores[s] = ent.mean().item()
+        self.last_scores = scores
+        if scores:
+            best = min(scores, key=scores.__getitem__)
+            if scores[best] <= self.threshold:
+                return Decision(reuse=best)
+        return Decision(grow=self.experts)
+
+
+class FixedExperts(GrowthPolicy):
+    """The fixed-size baseline: no growth, no freezing; every experience routes over all experts."""
+
+    freezes = False
+    freeze_shared = False
+
+    def __init__(self) -> None:
+        pass
+
+    def decide(self, module: ContinualMoE, experience: int, x_BF: Tensor, y_B: Tensor) -> Decision:
+        return Decision()
+
+
+# ---------------------------------------------------------------------------------------------- the module
+class ContinualMoE(pl.LightningModule):
+    """An MoE classifier that walks a continual stream inside one ``trainer.fit``.
+
+    The stream's shape (experiences, classes, input width, setting) comes from the DataModule
+    (:class:`~moeparadigms.benchmarks.continual.AvalancheStream` and its subclasses) at ``setup``.
+
+    Args:
+        moe: the MoE layer (``d_model`` sets the width). Growth policies need an :class:`ExperienceRouter`.
+        growth: a :class:`GrowthPolicy` (default :class:`ExpertPerExperience`).
+        lr, weight_decay: Adam settings (the optimizer gets grown parameters via ``remap_optimizer``).
+        replay_size: exemplars kept by Avalanche's ``ClassBalancedBuffer`` (0: exemplar-free); they fit the
+            per-experience bias of the task inference after each experience.
+        shrinkage: covariance shrinkage of the Gaussian task inference.
+        seed: seeds growth initialisation and buffer sampling, so a resumed run grows identically.
+        plot_dir: where the accuracy-matrix and expert-usage PNGs go at the end of ``fit``
+            (default: the logger's directory, else ``trainer.default_root_dir``).
+    """
+
+    def __init__(
+        self,
+        *,
+        moe: MoE,
+        growth: GrowthPolicy | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        replay_size: int = 0,
+        shrinkage: float = 0.05,
+        calibration_steps: int = 100,
+        seed: int = 0,
+        plot_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(moe, MoE):
+            raise TypeError(f"moe must be a moeparadigms.core.MoE, got {type(moe).__name__}")
+        growth = ExpertPerExperience() if growth is None else growth
+        if not isinstance(growth, GrowthPolicy):
+            raise TypeError(f"growth must be a GrowthPolicy (ExpertPerExperience, GrowOnDemand, FixedExperts), got {type(growth).__name__}")
+        if growth.freezes and not isinstance(moe.router, ExperienceRouter):
+            raise ValueError(f"growth={type(growth).__name__} needs moe.router to be an ExperienceRouter (it masks "
+                             f"routing per experience), got {type(moe.router).__name__}; or use growth=FixedExperts()")
+        if isinstance(growth, ExpertPerExperience | GrowOnDemand) and moe.router.top_k > growth.experts:  # type: ignore[attr-defined]
+            raise ValueError(f"moe.router.top_k={moe.router.top_k} exceeds the experts an experience gets "  # type: ignore[attr-defined]
+                             f"(growth.experts={growth.experts}); use top_k <= {growth.experts}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not isinstance(replay_size, int) or replay_size < 0:
+            raise ValueError(f"replay_size must be an integer >= 0 (0 = exemplar-free), got {replay_size!r}")
+        if not 0 < shrinkage <= 1:
+            raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage!r}")
+        self.save_hyperparameters(ignore=["moe", "growth"])
+        self.moe, self.growth = moe, growth
+        self.built = False
+        self._usage: dict[int, Tensor] = {}
+        self._buffer: Any = None
+        self._buffer_upto = -1
+        self.plot_paths: list[Path] = []
+
+    # ------------------------------------------------------------------ building from the stream
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        for attr in ("setting", "num_experiences", "classes_per_experience", "in_features", "num_classes", "experience_at"):
+            if not hasattr(dm, attr):
+                raise TypeError(f"ContinualMoE needs a continual DataModule (moeparadigms.benchmarks.continual), "
+                                f"got {type(dm).__name__} without {attr!r}")
+        if stage == "fit":
+            tr = self.trainer
+            if tr.reload_dataloaders_every_n_epochs != 1:
+                raise ValueError(f"trainer.reload_dataloaders_every_n_epochs must be 1 to walk the stream, got "
+                                 f"{tr.reload_dataloaders_every_n_epochs}")
+            if tr.max_epochs != dm.max_epochs:
+                raise ValueError(f"trainer.max_epochs={tr.max_epochs} but the stream needs {dm.max_epochs} "
+                                 f"({dm.num_experiences} experiences x {dm.epochs_per_experience} epochs)")
+        self._build(in_features=dm.in_features, num_classes=dm.num_classes, setting=dm.setting,
+                    classes_per_experience=dm.classes_per_experience)
+
+    def _build(self, *, in_features: int, num_classes: int, setting: str, classes_per_experience: list[list[int]]) -> None:
+        T = len(classes_per_experience)
+        if self.built:
+            if (self.in_features, self.num_classes, self.setting, self.num_experiences) != (in_features, num_classes, setting, T):
+                raise ValueError(f"this model was built for a stream with {self.num_experiences} experiences, {self.num_classes} "
+                                 f"classes, {self.in_features} inputs ({self.setting}); the DataModule has {T}, {num_classes}, "
+                                 f"{in_features} ({setting})")
+            return
+        if setting not in SETTINGS:
+            raise ValueError(f"setting={setting!r} is not supported; choose one of {list(SETTINGS)}")
+        max_t = getattr(self.moe.router, "max_experiences", T)
+        if T > max_t:
+            raise ValueError(f"the stream has {T} experiences but moe.router.max_experiences={max_t}; raise it")
+        D = self.moe.d_model
+        self.in_features, self.num_classes, self.setting, self.num_experiences = in_features, num_classes, setting, T
+        self.classes_per_experience = [list(map(int, c)) for c in classes_per_experience]
+        self.inp = nn.Linear(in_features, D)
+        self.block = MoEBlock(self.moe)
+        self.norm = nn.LayerNorm(D)
+        self.heads = nn.ModuleList([nn.Linear(D, num_classes) for _ in range(T)])
+        mask = torch.zeros(T, num_classes, dtype=torch.bool)
+        for t, cs in enumerate(self.classes_per_experience):
+            mask[t, cs] = True
+        self.register_buffer("class_mask", mask)
+        self.task_inference = GaussianTaskInference(num_experiences=T, num_classes=num_classes, in_features=in_features,
+                                                    shrinkage=self.hparams.shrinkage)
+        self.register_buffer("task_bias", torch.zeros(T))  # fitted on the replay buffer (bias correction)
+        self.register_buffer("experiences_started", torch.zeros((), dtype=torch.long))
+        self.acc_matrix = AccuracyMatrix(num_experiences=T)
+        if not self.growth.freezes and isinstance(self.moe.router, ExperienceRouter):
+            self.moe.router.allowed.fill_(True)  # the fixed baseline shares every expert
+        self.built = True
+
+    # ------------------------------------------------------------------ forward: one path per experience
+    def path_logits(self, x: Tensor, experience: int) -> tuple[Tensor, Tensor, Any]:
+        """Logits ``(B, C)`` of experience ``experience``'s path (classes outside it masked), the MoE's
+        auxiliary loss and its routing statistics."""
+        h = self.inp(x.flatten(1))
+        out = self.block(h, task_id=experience)
+        logits = self.heads[experience](self.norm(out.y)).masked_fill(~self.class_mask[experience], _MASKED)
+        return logits, out.aux_loss, out.stats
+
+    def forward(self, x: Tensor, task_id: int | None = None) -> Tensor:
+        """Log-probabilities ``(B, C)``: path ``task_id`` when given (task-incremental), else the mixture
+        ``log sum_t p(t | x) p(y | x, t)`` over the experiences seen so far."""
+        return self._predict(x, task_id)[0]
+
+    def _predict(self, x: Tensor, task_id: int | None) -> tuple[Tensor, Tensor]:
+        E = self.moe.num_experts
+        if task_id is not None:
+            logits, _, stats = self.path_logits(x, task_id)
+            return logits.log_softmax(-1), stats.tokens_per_expert.float() / max(x.shape[0], 1)
+        log_pt = self.task_inference.log_posterior(x).to(x.device) + self.task_bias
+        log_pt = log_pt.log_softmax(-1)
+        out = torch.full((x.shape[0], self.num_classes), -math.inf, device=x.device)
+        usage = torch.zeros(E, device=x.device)
+        for t in range(self.num_experiences):
+            if torch.isinf(log_pt[:, t]).all():
+                continue  # no statistics yet: this experience cannot be inferred
+            logits, _, stats = self.path_logits(x, t)
+            out = torch.logaddexp(out, log_pt[:, t : t + 1] + logits.log_softmax(-1))
+            usage += log_pt[:, t].exp().mean() * stats.tokens_per_expert.float() / max(x.shape[0], 1)
+        return out, usage
+
+    # ------------------------------------------------------------------ experience boundaries
+    def _current_experience(self) -> int:
+        return int(self.trainer.datamodule.experience_at(self.current_epoch))
+
+    def _is_experience_end(self) -> bool:
+        epe = self.trainer.datamodule.epochs_per_experience
+        return (self.current_epoch + 1) % epe == 0 or self.current_epoch + 1 == self.trainer.max_epochs
+
+    def on_train_epoch_start(self) -> None:
+        i = self._current_experience()
+        if i == int(self.experiences_started):
+            self._start_experience(i)
+
+    def _start_experience(self, i: int) -> None:
+        """Grow/freeze per the policy, give the optimizer the new parameters, record the statistics."""
+        dm = self.trainer.datamodule
+        x, y = dm.train_experience(i).tensors[:2]
+        x, y = x.to(self.device), y.to(self.device)
+        decision = self.growth.decide(self, i, x, y)
+        remaps: list[Remap] = []
+        router = self.moe.router
+        if self.growth.freezes and i > 0:
+            remaps.append(self.moe.freeze_experts(list(range(self.moe.num_experts)), router=True))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.hparams.seed * 7919 + i)  # growth draws do not depend on what ran before
+            if decision.grow:
+                src = None
+                if self.growth.init == "copy":
+                    src = [int(router.allowed[i - 1].nonzero().max())] if hasattr(router, "allowed") else None
+                remaps.append(self.moe.add_experts(decision.grow, init=self.growth.init, source=src))
+        if self.growth.freezes:
+            if decision.grow:
+                new = torch.zeros(self.moe.num_experts, dtype=torch.bool, device=router.allowed.device)
+                new[-decision.grow :] = True
+                router.allowed[i] = new
+            elif decision.reuse is not None:
+                router.allowed[i] = router.allowed[decision.reuse]
+                self.heads[i].load_state_dict(self.heads[decision.reuse].state_dict())
+            else:
+                router.allowed[i] = True  # the first experience takes the initial experts
+        self._apply_module_freezing(i + 1)
+        opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if opt is not None:
+            remap_optimizer(opt, merge_remaps(*remaps))
+            # one group in model order, as configure_optimizers builds it: a resumed run loads the
+            # optimizer state by position, so both runs must list the same parameters in the same order
+            opt.param_groups[0]["params"] = list(self.parameters())
+        self.task_inference.update(i, x, y)
+        if self.hparams.replay_size:
+            self._update_buffer(i)
+        self.experiences_started.fill_(i + 1)
+        self.log("cl/num_experts", float(self.moe.num_experts))
+
+    def _apply_module_freezing(self, started: int) -> None:
+        """Freeze old heads (and the shared input layer and norms after the first experience). Plain
+        modules' ``requires_grad`` is not in the state dict, so a restored model calls this again."""
+        if not self.growth.freezes:
+            return
+        for t, head in enumerate(self.heads):
+            head.requires_grad_(t >= started - 1)
+        if self.growth.freeze_shared and started > 1:
+            for m in (self.inp, self.block.norm, self.norm):
+                m.requires_grad_(False)
+
+    # ------------------------------------------------------------------ replay buffer and bias correction
+    def _update_buffer(self, upto: int) -> None:
+        """Avalanche's ClassBalancedBuffer, fed the experiences 0..upto; rebuilt deterministically
+        (seeded per experience) so a resumed run holds the same exemplars without storing them."""
+        from avalanche.training.storage_policy import ClassBalancedBuffer
+
+        stream = self.trainer.datamodule.benchmark.train_stream
+        start = 0 if self._buffer is None else self._buffer_upto + 1
+        if self._buffer is None:
+            self._buffer = ClassBalancedBuffer(max_size=self.hparams.replay_size, adaptive_size=True)
+        for k in range(start, upto + 1):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.hparams.seed * 104729 + k)
+                self._buffer.update_from_dataset(stream[k].dataset)
+        self._buffer_upto = upto
+
+    def _fit_task_bias(self, upto: int) -> None:
+        """Bias correction: a per-experience offset on log p(t | x), fitted on the class-balanced buffer
+        (cross-entropy of the final class prediction), pulled towards 0 so 50 samples cannot overfit it."""
+        from ..benchmarks.continual import _materialise
+
+        data = _materialise(self._buffer.buffer)
+        x, y = data.tensors[0].to(self.device), data.tensors[1].to(self.device)
+        with torch.no_grad():
+            log_pt = self.task_inference.log_posterior(x).to(x.device)
+            log_py_t = torch.stack([self.path_logits(x, t)[0].log_softmax(-1) for t in range(upto + 1)], 1)  # (B, t, C)
+        bias = torch.zeros(upto + 1, device=x.device, requires_grad=True)
+        opt = torch.optim.LBFGS([bias], lr=0.5, max_iter=self.hparams.calibration_steps, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            lp = (log_pt[:, : upto + 1] + bias).log_softmax(-1)
+            logp = torch.logsumexp(lp[:, :, None] + log_py_t, dim=1)
+            loss = F.nll_loss(logp.clamp_min(-1e4), y) + 0.1 * bias.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        self.task_bias[: upto + 1] = bias.detach()
+
+    # ------------------------------------------------------------------ train / validate / test
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y, _ = batch
+        i = self._current_experience()
+        logits, aux, stats = self.path_logits(x, i)
+        ce = F.cross_entropy(logits, y)
+        self.log("train/ce", ce, prog_bar=True)
+        self.log("train/aux_loss", aux)
+        self.log("train/experience", float(i), prog_bar=True)
+        return ce + aux
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        if self.hparams.replay_size and last and self._is_experience_end():
+            i = self._current_experience()
+            if self._buffer is None:  # resumed mid-experience: rebuild the exemplars first
+                self._update_buffer(i)
+            self._fit_task_bias(i)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor, Tensor], j: int, stage: str) -> Tensor:
+        x, y, t = batch
+        task = j if self.setting == "task-incremental" else None
+        logp, usage = self._predict(x, task)
+        preds = logp.argmax(-1)
+        self.log(f"{stage}/acc_exp{j}", (preds == y).float().mean(), add_dataloader_idx=False, batch_size=y.numel())
+        self._usage[j] = self._usage.get(j, torch.zeros_like(usage))
+        if self._usage[j].numel() < usage.numel():
+            self._usage[j] = F.pad(self._usage[j], (0, usage.numel() - self._usage[j].numel()))
+        self._usage[j] += usage * y.numel()
+        return preds
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.trainer.sanity_checking:
+            return
+        preds = self._eval_step(batch, dataloader_idx, "val")
+        if self._is_experience_end():
+            self.acc_matrix.update(preds, batch[1], row=self._current_experience() + 1, experience=dataloader_idx)
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._usage = {}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self._is_experience_end():
+            return
+        out = self.acc_matrix.compute()
+        for k in ("avg_acc", "forgetting", "bwt", "fwt"):
+            if k in out and not torch.isnan(out[k]):
+                self.log(f"cl/{k}", out[k].float(), prog_bar=k == "avg_acc")
+
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        # the untrained model's accuracy on every experience: FWT's reference (Avalanche's "initial" value)
+        if int(self.acc_matrix.total[0].sum()) > 0:
+            return
+        was_training = self.training
+        self.eval()
+        for j, loader in enumerate(self.trainer.datamodule.val_dataloader()):
+            for x, y, _ in loader:
+                x, y = x.to(self.device), y.to(self.device)
+                preds = self._predict(x, j if self.setting == "task-incremental" else None)[0].argmax(-1)
+                self.acc_matrix.update(preds, y, row=0, experience=j)
+        self.train(was_training)
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero or int(self.acc_matrix.total[1:].sum()) == 0:
+            return
+        root = self.hparams.plot_dir or (self.trainer.logger.log_dir if self.trainer.logger else None) or self.trainer.default_root_dir
+        R = self.acc_matrix.matrix()[0]
+        title = f"{self.setting}: avg acc {100 * float(self.acc_matrix.compute()['avg_acc']):.1f}%"
+        self.plot_paths = [plot_accuracy_matrix(R, Path(root) / "accuracy_matrix.png", title=title)]
+        if self._usage:
+            E = max(u.numel() for u in self._usage.values())
+            usage = torch.stack([F.pad(self._usage[j], (0, E - self._usage[j].numel())) for j in sorted(self._usage)])
+            usage = usage / usage.sum(-1, keepdim=True).clamp_min(1e-12)
+            self.plot_paths.append(plot_expert_usage(usage, Path(root) / "expert_usage.png"))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ checkpoints across growth
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["continual"] = {
+            "num_experts": self.moe.num_experts, "in_features": self.in_features, "num_classes": self.num_classes,
+            "setting": self.setting, "classes_per_experience": self.classes_per_experience,
+            "experiences_started": int(self.experiences_started),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Grow this freshly built model to the checkpoint's size before Lightning loads the weights."""
+        c = checkpoint.get("continual")
+        if c is None:
+            raise ValueError("this checkpoint was not written by ContinualMoE (no 'continual' entry)")
+        self._build(in_features=c["in_features"], num_classes=c["num_classes"], setting=c["setting"],
+                    classes_per_experience=c["classes_per_experience"])
+        if c["num_experts"] > self.moe.num_experts:
+            with torch.random.fork_rng(devices=[]):  # values are overwritten by the checkpoint
+                self.moe.add_experts(c["num_experts"] - self.moe.num_experts, init="fresh")
+        self._apply_module_freezing(c["experiences_started"])
+
+
+__all__ = ["ContinualMoE", "ExperienceRouter", "GaussianTaskInference", "GrowthPolicy", "ExpertPerExperience",
+           "GrowOnDemand", "FixedExperts", "Decision"]
