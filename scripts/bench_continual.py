@@ -123,15 +123,13 @@ def run_ours(method: str, dm, seed: int, epochs: int, d_model: int, hidden: int,
               experts=MLPExperts(d_model=d_model, hidden=hidden, num_experts=1))
     model = ContinualMoE(moe=moe, growth=ExpertPerExperience(experts=1), lr=lr, seed=seed,
                          replay_size=50 if method == "moe-growth-replay-50" else 0,
-                         plot_dir=str(plot_dir) if plot_dir else None)
+                         plots=plot_dir is not None, plot_dir=str(plot_dir) if plot_dir else None)
     trainer = pl.Trainer(max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=1, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     train_s = time.perf_counter() - t0  # includes the per-experience evaluations (Lightning interleaves them)
-    if plot_dir is None:
-        model.plot_paths = []
     return model.acc_matrix, sum(p.numel() for p in model.parameters()), train_s
 
 

@@ -264,6 +264,7 @@ class ContinualMoE(pl.LightningModule):
             per-experience bias of the task inference after each experience.
         shrinkage: covariance shrinkage of the Gaussian task inference.
         seed: seeds growth initialisation and buffer sampling, so a resumed run grows identically.
+        plots: write the PNG plots at the end of ``fit``.
         plot_dir: where the accuracy-matrix and expert-usage PNGs go at the end of ``fit``
             (default: the logger's directory, else ``trainer.default_root_dir``).
     """
@@ -279,6 +280,7 @@ class ContinualMoE(pl.LightningModule):
         shrinkage: float = 0.05,
         calibration_steps: int = 100,
         seed: int = 0,
+        plots: bool = True,
         plot_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -561,7 +563,7 @@ class ContinualMoE(pl.LightningModule):
         self.train(was_training)
 
     def on_fit_end(self) -> None:
-        if not self.trainer.is_global_zero or int(self.acc_matrix.total[1:].sum()) == 0:
+        if not self.hparams.plots or not self.trainer.is_global_zero or int(self.acc_matrix.total[1:].sum()) == 0:
             return
         root = self.hparams.plot_dir or (self.trainer.logger.log_dir if self.trainer.logger else None) or self.trainer.default_root_dir
         R = self.acc_matrix.matrix()[0]
