@@ -31,8 +31,23 @@ class ExpertParam(nn.Module):
         super().__init__()
         if data.dim() < 1 or data.shape[0] < 1:
             raise ValueError(f"ExpertParam needs a tensor with at least one row, got shape {tuple(data.shape)}")
-        self.blocks = nn.ParameterList([nn.Parameter(data.detach().clone())])
+        self._num_blocks = 0
+        self._set_blocks([nn.Parameter(data.detach().clone())])
         self.register_buffer("frozen", torch.zeros(data.shape[0], dtype=torch.bool), persistent=False)
+
+    # ------------------------------------------------------------------ blocks
+    # The blocks are direct parameters of this module (``block0``, ``block1``, ...), not a child
+    # ParameterList: a child would save its own ``blocks.N`` keys, tying checkpoints to one block layout.
+    @property
+    def blocks(self) -> list[nn.Parameter]:
+        return [getattr(self, f"block{i}") for i in range(self._num_blocks)]
+
+    def _set_blocks(self, blocks: list[nn.Parameter]) -> None:
+        for i in range(self._num_blocks):
+            delattr(self, f"block{i}")
+        for i, b in enumerate(blocks):
+            self.register_parameter(f"block{i}", b)
+        self._num_blocks = len(blocks)
 
     # ------------------------------------------------------------------ views
     @property
@@ -47,8 +62,8 @@ class ExpertParam(nn.Module):
     def full(self) -> Tensor:
         """The whole tensor (a concatenation if there are several blocks; differentiable)."""
         if len(self.blocks) == 1:
-            return self.blocks[0]
-        return torch.cat(list(self.blocks), dim=0)
+            return self.block0
+        return torch.cat(self.blocks, dim=0)
 
     def layout(self) -> list[tuple[int, nn.Parameter]]:
         """(first row, block) for each block, in row order."""
@@ -98,7 +113,7 @@ class ExpertParam(nn.Module):
             p.requires_grad_(not bool(frozen[start]))
             new_blocks.append(p)
             start = end
-        self.blocks = nn.ParameterList(new_blocks)
+        self._set_blocks(new_blocks)
         self.frozen = frozen.clone().to(self.frozen.device)
         return remap
 
@@ -117,7 +132,7 @@ class ExpertParam(nn.Module):
         if new_rows.shape[1:] != self.shape[1:]:
             raise ValueError(f"new rows have shape {tuple(new_rows.shape)}, expected (n, {', '.join(map(str, self.shape[1:]))})")
         p = nn.Parameter(new_rows.detach().clone().to(self.blocks[0].device, self.blocks[0].dtype))
-        self.blocks.append(p)
+        self._set_blocks([*self.blocks, p])
         self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(new_rows.shape[0])])
         return {p: [(None, int(new_rows.shape[0]))]}
 

@@ -181,3 +181,19 @@ def test_growth_bad_arguments():
         moe.add_experts(0)
     with pytest.raises(ValueError, match="expert id 5 out of range"):
         moe.freeze_experts([5])
+
+
+def test_state_dict_is_independent_of_block_layout():
+    """Checkpoint keys hold one tensor per expert-indexed parameter, whatever the row-block layout."""
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=BANKS["mlp"]())
+    moe.add_experts(3)
+    moe.freeze_experts([1, 4])  # blocks [0] [1] [2 3] [4] [5]
+    state = moe.state_dict()
+    assert not any(".block" in k for k in state), sorted(state)
+    fresh = MoE(router=TopKRouter(d_model=D, num_experts=E + 3, top_k=2),
+                experts=MLPExperts(d_model=D, hidden=5, num_experts=E + 3, bias=True))
+    fresh.freeze_experts([0])  # a different layout before loading
+    fresh.load_state_dict(state)  # strict
+    x = torch.randn(9, D)
+    torch.testing.assert_close(fresh(x).y, moe(x).y, rtol=0, atol=0)
+    assert fresh.experts.frozen.tolist() == [False, True, False, False, True, False]
