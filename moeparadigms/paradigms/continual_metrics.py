@@ -123,12 +123,7 @@ def plot_accuracy_matrix(R: Tensor, path: str | Path, *, title: str = "accuracy 
     ax.set_yticks(range(T))
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="accuracy")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_expert_usage(usage: Tensor, path: str | Path, *, title: str = "expert usage per experience") -> Path:
@@ -148,6 +143,13 @@ def plot_expert_usage(usage: Tensor, path: str | Path, *, title: str = "expert u
     ax.set_yticks(range(T))
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of tokens")
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (creating its folder) and release it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
