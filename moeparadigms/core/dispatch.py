@@ -120,6 +120,18 @@ def _with_zero_row(t_AD: Tensor) -> Tensor:
     return torch.cat([t_AD, t_AD.new_zeros(1, t_AD.shape[-1])], 0)
 
 
+def unpermute_grad(g_AD: Tensor, perm: TopKPermutation) -> Tensor:
+    """Gradient of ``x_TD.index_select(0, perm.token_A)``: a gather through the inverse permutation and a
+    sum over each token's K rows (dropped choices read a zero row)."""
+    if perm.has_drops:
+        g_AD = _with_zero_row(g_AD)
+    inverse_TK = perm.inverse_A.view(-1, perm.top_k)
+    g = g_AD.index_select(0, inverse_TK[:, 0])
+    for k in range(1, perm.top_k):  # one (T, D) temporary at a time, not a (T*K, D) one
+        g.add_(g_AD.index_select(0, inverse_TK[:, k]))
+    return g
+
+
 class _Permute(torch.autograd.Function):
     """x_AD = x_TD[token_A]; each token appears at most K times, so the backward is a gather through the
     inverse permutation and a sum over K (no scatter-add)."""
@@ -132,13 +144,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_AD):  # type: ignore[override]
-        perm = ctx.perm
-        if perm.has_drops:
-            g_AD = _with_zero_row(g_AD)
-        g = g_AD.index_select(0, perm.inverse_A)
-        if perm.top_k > 1:
-            g = g.view(-1, perm.top_k, g.shape[-1]).sum(1)
-        return g, None
+        return unpermute_grad(g_AD, ctx.perm), None
 
 
 class _Unpermute(torch.autograd.Function):

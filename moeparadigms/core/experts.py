@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._kernels import grouped_mm_out
-from .dispatch import TopKPermutation, permute_topk
+from .dispatch import TopKPermutation, permute_topk, unpermute_grad
 from .params import ExpertParam, Remap, merge_remaps
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
@@ -183,20 +183,8 @@ class _GroupedFFN(torch.autograd.Function):
                 dxs = dh.new_empty(dh.shape[0], x.shape[-1])
                 W1t = [w1[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
                 grouped_mm_out([dh[s:t] for _, s, t in live], W1t, [dxs[s:t] for _, s, t in live])
-                dx = dxs if perm is None else _gather_back(dxs, perm)
+                dx = dxs if perm is None else unpermute_grad(dxs, perm)
         return (dx, None, None, None, None, None, None, *g)
-
-
-def _gather_back(g_AD: Tensor, perm) -> Tensor:
-    """Gradient of ``x_TD.index_select(0, perm.token_A)``: a gather through the inverse permutation and a
-    sum over each token's K rows (dropped choices read a zero row)."""
-    if perm.has_drops:
-        g_AD = torch.cat([g_AD, g_AD.new_zeros(1, g_AD.shape[-1])], 0)
-    inverse_TK = perm.inverse_A.view(-1, perm.top_k)
-    g = g_AD.index_select(0, inverse_TK[:, 0])
-    for k in range(1, perm.top_k):  # one (T, D) temporary at a time, not a (T*K, D) one
-        g.add_(g_AD.index_select(0, inverse_TK[:, k]))
-    return g
 
 
 def _bounds(counts_E: Tensor) -> list[tuple[int, int]]:
