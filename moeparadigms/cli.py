@@ -15,7 +15,13 @@ import torch
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
 
-BENCHMARKS = {"core": "bench_core.py", "continual": "bench_continual.py", "multitask": "bench_multitask.py"}
+BENCHMARKS = {
+    "core": "bench_core.py",
+    "continual": "bench_continual.py",
+    "multitask": "bench_multitask.py",
+    "meta": "bench_meta.py",
+    "rl": "bench_rl.py",
+}
 
 
 class MoEParadigmsCLI(LightningCLI):
@@ -51,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         bench(argv[1:])
+        return
+    if argv and argv[0] == "evaluate":
+        from .paradigms.rl_eval import main as evaluate_main  # the RL stack loads only when asked for
+
+        evaluate_main(argv[1:])
         return
     if argv and argv[0] in ("-h", "--help"):
         print("moeparadigms bench {core,continual,multitask} [--quick] [--out PATH]    run a paradigm's side-by-side benchmark\n")
