@@ -3,17 +3,45 @@
 ``moeparadigms fit|validate|test|predict --config task.yaml --config method.yaml`` is Lightning's own CLI
 (LightningCLI in OmegaConf mode: ``${...}`` interpolation works in configs); the model and data are
 given by ``class_path`` in the YAML. ``moeparadigms bench <paradigm> [args]`` runs that paradigm's
-benchmark script (``scripts/bench_<paradigm>.py``) with the given arguments.
+benchmark script (``scripts/bench_<paradigm>.py``) with the given arguments; ``moeparadigms evaluate``
+runs a saved RL policy.
+
+Defaults every run gets unless the config says otherwise: TensorBoard and CSV loggers (one version
+directory), a rich progress bar, a ``ModelCheckpoint`` that also keeps ``last.ckpt`` (so
+``--ckpt_path last`` resumes), atomic checkpoint writes with ``weights_only=True`` reads
+(:class:`moeparadigms.checkpoint.AtomicCheckpointIO`), :class:`moeparadigms.callbacks.FailFast` and
+:class:`moeparadigms.callbacks.ListPlots`.
 """
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-from pytorch_lightning import LightningDataModule, LightningModule
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from .callbacks import FailFast, ListPlots
+from .checkpoint import AtomicCheckpointIO
+
+USAGE = """usage: moeparadigms <command> [options]
+
+commands:
+  fit        train:          moeparadigms fit --config tasks/<paradigm>/<task>.yaml --config configs/<paradigm>/<method>.yaml
+  validate   evaluate on the validation split (--ckpt_path PATH)
+  test       evaluate on the test split (--ckpt_path PATH)
+  predict    run prediction
+  bench      a paradigm's side-by-side benchmark: moeparadigms bench {benches} [--quick] [--out PATH]
+  evaluate   run a saved RL policy: moeparadigms evaluate --ckpt PATH --episodes N [--video-dir DIR]
+
+`moeparadigms <command> --help` lists each command's options.
+"""
 
 BENCHMARKS = {
     "core": "bench_core.py",
@@ -33,6 +61,27 @@ class MoEParadigmsCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        config = dict(config)
+        root = config.get("default_root_dir") or os.getcwd()
+        if config.get("logger") in (None, True):
+            tb = TensorBoardLogger(save_dir=root, name="lightning_logs")
+            config["logger"] = [tb, CSVLogger(save_dir=root, name="lightning_logs", version=tb.version)]
+        given = config.get("callbacks") or []
+        given = list(given) if isinstance(given, list) else [given]
+        extra: list[Callback] = [FailFast(), ListPlots()]
+        if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
+            extra.append(ModelCheckpoint(save_last=True))
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            extra.append(RichProgressBar())
+        config["callbacks"] = given
+        callbacks = [*callbacks, *extra]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def _scripts_dir() -> Path:
@@ -63,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
 
         evaluate_main(argv[1:])
         return
-    if argv and argv[0] in ("-h", "--help"):
-        print("moeparadigms bench {core,continual,multitask} [--quick] [--out PATH]    run a paradigm's side-by-side benchmark\n")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.format(benches="{" + ",".join(BENCHMARKS) + "}"))
+        return
     torch.set_float32_matmul_precision("high")
     MoEParadigmsCLI(args=argv)
 

@@ -26,6 +26,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 struct Piece { int64_t g; int64_t lo; int64_t hi; double cost; };
@@ -34,7 +35,7 @@ struct Piece { int64_t g; int64_t lo; int64_t hi; double cost; };
 // Big groups are split into pieces along the rows of a_g and c_g (for a weight gradient a_g = x_g^T is a
 // transposed view, and its rows are x_g's columns: still independent), so a few large groups fill all threads.
 void grouped_mm_out(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> c,
-                    std::vector<at::Tensor> bias) {
+                    std::vector<at::Tensor> bias, bool inference) {
   const int64_t G = static_cast<int64_t>(a.size());
   const bool has_bias = !bias.empty();
   TORCH_CHECK(static_cast<int64_t>(b.size()) == G && static_cast<int64_t>(c.size()) == G,
@@ -67,6 +68,9 @@ void grouped_mm_out(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::v
   const int64_t P = static_cast<int64_t>(pieces.size());
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
+    // so is inference mode: without it a worker may not write into the caller's inference tensors
+    std::optional<c10::InferenceMode> im;
+    if (inference) im.emplace();
     for (int64_t i = next.fetch_add(1); i < P; i = next.fetch_add(1)) {
       const Piece& p = pieces[i];
       auto out = c[p.g].narrow(0, p.lo, p.hi - p.lo);
@@ -129,7 +133,7 @@ def grouped_mm_out(
     Uses the parallel extension on CPU when available, else one ``torch.mm``/``torch.addmm`` per group."""
     mod = _load() if a and a[0].device.type == "cpu" else None
     if mod is not None:
-        mod.grouped_mm_out(list(a), list(b), list(c), list(bias) if bias is not None else [])
+        mod.grouped_mm_out(list(a), list(b), list(c), list(bias) if bias is not None else [], torch.is_inference_mode_enabled())
         return
     for g, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
         if x.shape[0] and y.shape[-1] and x.shape[-1]:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import check_compatible, hparams_ignore
 from ..core import MoE, TopKRouter, remap_optimizer
 from ..core.experts import Init
 from ..core.params import Remap, merge_remaps
@@ -301,7 +302,7 @@ class ContinualMoE(pl.LightningModule):
             raise ValueError(f"replay_size must be an integer >= 0 (0 = exemplar-free), got {replay_size!r}")
         if not 0 < shrinkage <= 1:
             raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage!r}")
-        self.save_hyperparameters(ignore=["moe", "growth"])
+        self.save_hyperparameters(ignore=hparams_ignore("moe", "growth"))
         self.moe, self.growth = moe, growth
         self.built = False
         self._usage: dict[int, Tensor] = {}
@@ -597,6 +598,7 @@ class ContinualMoE(pl.LightningModule):
             with torch.random.fork_rng(devices=[]):  # values are overwritten by the checkpoint
                 self.moe.add_experts(c["num_experts"] - self.moe.num_experts, init="fresh")
         self._apply_module_freezing(c["experiences_started"])
+        check_compatible(self, checkpoint, hparams=dict(self.hparams))
 
 
 __all__ = ["ContinualMoE", "ExperienceRouter", "GaussianTaskInference", "GrowthPolicy", "ExpertPerExperience",

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
+from ..checkpoint import check_compatible
 from ..core import MLPExperts, MoE, TaskConditionedRouter
 from ..nets import MoEBlock
 
@@ -803,6 +804,9 @@ class MultiTaskMoE(pl.LightningModule):
             labels = self.net.expert_labels(names) if isinstance(self.net, ExtractionNet) else None
             plot_expert_usage(self.last_usage, names, Path(log_dir) / "expert_usage.png",
                               title=f"{type(self.architecture).__name__}: per-task expert usage (validation)", expert_labels=labels)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_compatible(self, checkpoint, hparams=dict(self.hparams))
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

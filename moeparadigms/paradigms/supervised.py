@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
+from ..checkpoint import check_compatible, hparams_ignore
 from ..core import MoE, RoutingMetrics
 from ..nets import MoEMLP
 from .logging import log_routing_metrics, update_routing_metrics
@@ -30,7 +31,7 @@ class MoEClassifier(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        self.save_hyperparameters(ignore=["moe"])
+        self.save_hyperparameters(ignore=hparams_ignore("moe"))
         self.net = MoEMLP(in_features=in_features, out_features=num_classes, moe=moe, depth=depth)
         self.acc = nn.ModuleDict({s: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for s in ("train_", "val", "test")})
         self.routing = nn.ModuleDict(
@@ -71,6 +72,9 @@ class MoEClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         log_routing_metrics(self, self.routing["test"], "test")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_compatible(self, checkpoint, hparams=dict(self.hparams))
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
