@@ -15,7 +15,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 __all__ = ["FailFast", "ListPlots"]
@@ -88,17 +87,14 @@ class ListPlots(Callback):
 
     on_test_start = on_fit_start
 
-    def _plots(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Path]:
-        found = {Path(p) for p in getattr(pl_module, "plot_paths", []) or []}
-        roots = {Path(trainer.log_dir)} if trainer.log_dir else set()
-        for root in roots:
-            if root.is_dir():
-                found |= {p for p in root.rglob("*.png") if p.stat().st_mtime >= self._since - 1}
-        return sorted(p for p in found if p.is_file())
-
-    @rank_zero_only
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plots = self._plots(trainer, pl_module)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks, rank 0 prints
+        if not trainer.is_global_zero:
+            return
+        found = {Path(p) for p in getattr(pl_module, "plot_paths", []) or []}
+        if log_dir and Path(log_dir).is_dir():
+            found |= {p for p in Path(log_dir).rglob("*.png") if p.stat().st_mtime >= self._since - 1}
+        plots = sorted(p for p in found if p.is_file())
         if plots:
             print("Plots written:\n" + "\n".join(f"  {p}" for p in plots))
 

@@ -24,9 +24,10 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .digits import load_digits_tensors, stratified_split
+from .sampling import EpochPermutation
 
 Setting = Literal["class-incremental", "domain-incremental", "task-incremental"]
 SETTINGS: tuple[str, ...] = ("class-incremental", "domain-incremental", "task-incremental")
@@ -71,21 +72,6 @@ def _experience_classes(exp: Any, data: TensorDataset) -> list[int]:
     return sorted(int(c) for c in classes)
 
 
-class _SeededPermutation(Sampler[int]):
-    """A shuffle that depends only on ``seed``: every ``iter()`` yields the same order. A DataLoader's own
-    ``generator`` is also consumed when an iterator is created, and Lightning creates extra ones when it
-    resumes from a checkpoint, so the order after resuming would differ."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed = n, seed
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 class AvalancheStream(pl.LightningDataModule):
     """Any Avalanche benchmark as a continual DataModule.
 
@@ -128,6 +114,9 @@ class AvalancheStream(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
         self.benchmark: Any = None
+        # Avalanche builds a logger when avalanche.training is first imported and refuses to do that on a
+        # non-zero rank of an initialised process group: import it now, before DDP starts
+        import avalanche.training  # noqa: F401
 
     # ------------------------------------------------------------------ building the stream
     def make_benchmark(self) -> Any:
@@ -196,9 +185,10 @@ class AvalancheStream(pl.LightningDataModule):
     # ------------------------------------------------------------------ dataloaders
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        # the order depends on (seed, epoch) only: a run resumed from a checkpoint sees the same batches
+        # the order depends on (seed, epoch) only: a run resumed from a checkpoint sees the same batches,
+        # and DDP ranks split the same global order
         data = self.train_sets[self.experience_at(epoch)]
-        return DataLoader(data, batch_size=self.batch_size, sampler=_SeededPermutation(len(data), self.seed * 1_000_003 + epoch),
+        return DataLoader(data, batch_size=self.batch_size, sampler=EpochPermutation.for_trainer(len(data), self.seed, self.trainer),
                           num_workers=self.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:

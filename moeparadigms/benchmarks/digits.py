@@ -5,6 +5,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .sampling import EpochPermutation
+
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     """Digits images scaled to [0, 1], shape (1797, 64), and labels (1797,)."""
@@ -45,8 +47,8 @@ class DigitsDataModule(pl.LightningDataModule):
         self.test_set = TensorDataset(x[te], y[te])
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g,
+        sampler = EpochPermutation.for_trainer(len(self.train_set), self.hparams.seed, self.trainer)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -14,6 +14,7 @@ from torch.profiler import record_function
 
 from . import dispatch as dsp
 from . import losses as L
+from ._dist import data_parallel_world, sum_over_ranks
 from .experts import Experts, Init
 from .params import Remap, merge_remaps
 from .routing import Router, Routing, SoftMoERouter, SoftRouting
@@ -54,6 +55,10 @@ class MoE(nn.Module):
         load_balance_coef, z_loss_coef, importance_coef, load_coef: weights of the Switch load-balancing
             loss, ST-MoE router z-loss and Shazeer's importance and (noisy top-k only) load losses.
         check_finite: raise on NaN/inf router logits (one host sync per forward).
+        balance_across_ranks: under data parallelism (an initialised ``torch.distributed`` group), take
+            the load-balancing loss's expert fractions ``f`` from the token counts summed over all ranks,
+            so DDP training equals one process on the same global batch (``P`` stays local and DDP's
+            gradient averaging makes it global). False: each rank balances its own batch (Switch/GShard).
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class MoE(nn.Module):
         importance_coef: float = 0.0,
         load_coef: float = 0.0,
         check_finite: bool = True,
+        balance_across_ranks: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -91,6 +97,7 @@ class MoE(nn.Module):
         self.capacity_factor = capacity_factor
         self.coefs = {"load_balance": load_balance_coef, "z_loss": z_loss_coef, "importance": importance_coef, "load": load_coef}
         self.check_finite = check_finite
+        self.balance_across_ranks = balance_across_ranks
         router.check_finite = check_finite
 
     @property
@@ -188,7 +195,10 @@ class MoE(nn.Module):
         probs = routing.probs_TE
         entropy = routing.weight_A.new_zeros((), dtype=torch.float32)
         if probs is not None:
-            losses["load_balance"] = L.switch_load_balance_loss(probs, routing.expert_A, E)
+            counts = None
+            if self.balance_across_ranks and self.training and data_parallel_world() > 1:
+                counts = sum_over_ranks(torch.bincount(routing.expert_A, minlength=E))
+            losses["load_balance"] = L.switch_load_balance_loss(probs, routing.expert_A, E, counts_E=counts)
             p = probs.detach()
             entropy = -(p * torch.log(p.clamp_min(1e-20))).sum()
             if self.coefs["importance"]:

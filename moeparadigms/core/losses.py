@@ -9,14 +9,18 @@ import torch
 from torch import Tensor
 
 
-def switch_load_balance_loss(probs_TE: Tensor, expert_A: Tensor, num_experts: int) -> Tensor:
+def switch_load_balance_loss(probs_TE: Tensor, expert_A: Tensor, num_experts: int, *, counts_E: Tensor | None = None) -> Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
     ``E * sum_i f_i * P_i`` with ``f_i`` the fraction of assignments routed to expert i (before any
     capacity dropping) and ``P_i`` the mean router probability of expert i. Equals 1 when both are
-    uniform; only ``P`` carries gradient.
+    uniform; only ``P`` carries gradient. ``counts_E``, if given, are the assignment counts ``f`` is
+    taken from (e.g. summed over data-parallel ranks: the global-batch balance of Qiu et al. 2025);
+    by default they are counted from ``expert_A``.
     """
-    f_E = torch.bincount(expert_A, minlength=num_experts).to(probs_TE.dtype) / max(expert_A.numel(), 1)
+    if counts_E is None:
+        counts_E = torch.bincount(expert_A, minlength=num_experts)
+    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1).to(probs_TE.dtype)
     P_E = probs_TE.mean(0)
     return num_experts * torch.sum(f_E * P_E)
 

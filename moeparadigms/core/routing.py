@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._dist import sum_over_ranks
 from .experts import Init, _check_init, _check_positive
 from .params import ExpertParam, Remap, merge_remaps
 
@@ -290,7 +291,8 @@ class BiasBalancedRouter(TopKRouter):
             )
             if self.training and self.bias_update_rate > 0:
                 with torch.no_grad():
-                    load = torch.bincount(expert_A, minlength=self.num_experts).float()
+                    # the global batch's load under data parallelism, so every rank applies the same update
+                    load = sum_over_ranks(torch.bincount(expert_A, minlength=self.num_experts).float())
                     self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
             probs = scores / scores.sum(-1, keepdim=True)
         return Routing(token_A, expert_A, weight_A, logits, probs, ids_TK=ids, weights_TK=w)

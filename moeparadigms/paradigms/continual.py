@@ -50,6 +50,23 @@ SETTINGS = ("class-incremental", "domain-incremental", "task-incremental")
 _MASKED = -1e9  # finite "minus infinity": the core checks router logits are finite
 
 
+def _rewrap_ddp(trainer: pl.Trainer) -> None:
+    """Re-wrap the module in a fresh DistributedDataParallel after growth or freezing.
+
+    DDP fixes its set of gradient-synchronised parameters (those with ``requires_grad``) when it wraps the
+    module; grown experts would otherwise train on each rank's gradients alone and frozen ones would be
+    waited for. Each experience trains its own head only, so the other heads are unused parameters:
+    ``find_unused_parameters`` is switched on. A no-op without DDP."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or trainer.world_size == 1 or not trainer.training:
+        return
+    strategy._ddp_kwargs["find_unused_parameters"] = True
+    strategy.model = strategy.lightning_module
+    strategy.configure_ddp()
+
+
 # ---------------------------------------------------------------------------------------------- router
 class ExperienceRouter(TopKRouter):
     """Top-k router restricted, per experience, to the experts a growth policy allowed it.
@@ -344,10 +361,14 @@ class ContinualMoE(pl.LightningModule):
         D = self.moe.d_model
         self.in_features, self.num_classes, self.setting, self.num_experiences = in_features, num_classes, setting, T
         self.classes_per_experience = [list(map(int, c)) for c in classes_per_experience]
-        self.inp = nn.Linear(in_features, D)
-        self.block = MoEBlock(self.moe)
-        self.norm = nn.LayerNorm(D)
-        self.heads = nn.ModuleList([nn.Linear(D, num_classes) for _ in range(T)])
+        # built in setup(), where DDP has just re-seeded every rank: draw from our own seed so one process
+        # and N ranks start from the same weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.hparams.seed * 15_485_863 + 1)
+            self.inp = nn.Linear(in_features, D)
+            self.block = MoEBlock(self.moe)
+            self.norm = nn.LayerNorm(D)
+            self.heads = nn.ModuleList([nn.Linear(D, num_classes) for _ in range(T)])
         mask = torch.zeros(T, num_classes, dtype=torch.bool)
         for t, cs in enumerate(self.classes_per_experience):
             mask[t, cs] = True
@@ -409,7 +430,7 @@ class ContinualMoE(pl.LightningModule):
         """Grow/freeze per the policy, give the optimizer the new parameters, record the statistics."""
         dm = self.trainer.datamodule
         x, y = dm.train_experience(i).tensors[:2]
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = x.to(self.device, self.dtype), y.to(self.device)
         decision = self.growth.decide(self, i, x, y)
         remaps: list[Remap] = []
         router = self.moe.router
@@ -439,6 +460,7 @@ class ContinualMoE(pl.LightningModule):
             # one group in model order, as configure_optimizers builds it: a resumed run loads the
             # optimizer state by position, so both runs must list the same parameters in the same order
             opt.param_groups[0]["params"] = list(self.parameters())
+        _rewrap_ddp(self.trainer)
         self.task_inference.update(i, x, y)
         if self.hparams.replay_size:
             self._update_buffer(i)
@@ -478,7 +500,7 @@ class ContinualMoE(pl.LightningModule):
         from ..benchmarks.continual import _materialise
 
         data = _materialise(self._buffer.buffer)
-        x, y = data.tensors[0].to(self.device), data.tensors[1].to(self.device)
+        x, y = data.tensors[0].to(self.device, self.dtype), data.tensors[1].to(self.device)
         with torch.no_grad():
             log_pt = self.task_inference.log_posterior(x).to(x.device)
             log_py_t = torch.stack([self.path_logits(x, t)[0].log_softmax(-1) for t in range(upto + 1)], 1)  # (B, t, C)
@@ -558,17 +580,22 @@ class ContinualMoE(pl.LightningModule):
         self.eval()
         for j, loader in enumerate(self.trainer.datamodule.val_dataloader()):
             for x, y, _ in loader:
-                x, y = x.to(self.device), y.to(self.device)
+                x, y = x.to(self.device, self.dtype), y.to(self.device)  # the trainer's precision, as batches get
                 preds = self._predict(x, j if self.setting == "task-incremental" else None)[0].argmax(-1)
                 self.acc_matrix.update(preds, y, row=0, experience=j)
         self.train(was_training)
 
     def on_fit_end(self) -> None:
-        if not self.hparams.plots or not self.trainer.is_global_zero or int(self.acc_matrix.total[1:].sum()) == 0:
+        if not self.hparams.plots:
+            return
+        # every rank joins the sync (each evaluated its shard of the test sets); rank 0 draws
+        with self.acc_matrix.sync_context(should_sync=self.trainer.world_size > 1):
+            R = self.acc_matrix.matrix()[0]
+            avg_acc = float(self.acc_matrix.compute()["avg_acc"]) if int(self.acc_matrix.total[1:].sum()) else None
+        if not self.trainer.is_global_zero or avg_acc is None:
             return
         root = self.hparams.plot_dir or (self.trainer.logger.log_dir if self.trainer.logger else None) or self.trainer.default_root_dir
-        R = self.acc_matrix.matrix()[0]
-        title = f"{self.setting}: avg acc {100 * float(self.acc_matrix.compute()['avg_acc']):.1f}%"
+        title = f"{self.setting}: avg acc {100 * avg_acc:.1f}%"
         self.plot_paths = [plot_accuracy_matrix(R, Path(root) / "accuracy_matrix.png", title=title)]
         if self._usage:
             E = max(u.numel() for u in self._usage.values())

@@ -35,7 +35,9 @@ def test_fixed_baseline_forgets_in_class_incremental():
     grown = growth_model()
     trainer(dm).fit(grown, dm)
     assert fixed.moe.num_experts == 5
-    assert grown.acc_matrix.compute()["avg_acc"] > fixed.acc_matrix.compute()["avg_acc"]
+    g, f = grown.acc_matrix.compute(), fixed.acc_matrix.compute()
+    print({k: (float(g[k]), float(f[k])) for k in ("avg_acc", "forgetting")})
+    assert f["forgetting"] > g["forgetting"] + 0.01, (g, f)
 
 
 def test_grow_on_demand_reuses_a_path_that_already_fits():
