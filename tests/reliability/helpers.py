@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
 import torch
+from pytorch_lightning import Callback
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,3 +37,16 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     assert a.keys() == b.keys(), f"different entries: {sorted(set(a) ^ set(b))}"
     return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() and a[k].is_floating_point() else
                float((a[k] != b[k]).any()) for k in a)
+
+
+class Pause(Callback):
+    """Test stand-in callback (given to the CLI as ``--trainer.callbacks+=tests.reliability.helpers.Pause``):
+    sleeps after each training batch from epoch ``after_epoch`` on, so a test can kill the run at a known
+    point without racing it to the end."""
+
+    def __init__(self, seconds: float = 0.2, after_epoch: int = 1) -> None:
+        self.seconds, self.after_epoch = seconds, after_epoch
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.current_epoch >= self.after_epoch:
+            time.sleep(self.seconds)
