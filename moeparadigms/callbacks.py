@@ -48,8 +48,9 @@ class FailFast(Callback):
         b = "" if batch_idx is None else f", batch {batch_idx}"
         return f"global step {trainer.global_step} (epoch {trainer.current_epoch}{b})"
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.num_training_batches == 0:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips the whole fit loop (no train hooks run) when the loader is empty, and only logs it
+        if trainer.num_training_batches == 0 and trainer.limit_train_batches != 0 and trainer.global_step == 0:
             dm = trainer.datamodule
             raise ValueError(
                 f"the training stream is empty: train_dataloader() of {type(dm).__name__ if dm else 'the model'} "

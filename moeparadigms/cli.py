@@ -62,6 +62,31 @@ class MoEParadigmsCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model config with the checkpoint's hyperparameters whenever ``ckpt_path`` is
+        given, silently overriding what the user's config says. Here the config wins when it names a model:
+        the model is built from it and a checkpoint that does not fit gets a clear error listing the
+        mismatching shapes and hyperparameters (``moeparadigms.checkpoint.check_compatible``). Without a
+        model in the config, the checkpoint's hyperparameters build it, as in Lightning."""
+        sub = self.config.get("subcommand")
+        if sub and (self.config[sub].get("model") or {}).get("class_path"):
+            return
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        """Constructor errors (a bad value in the config) end the run with one line naming the field, the
+        value and what is allowed, not a traceback; ``MOEPARADIGMS_TRACEBACK=1`` shows the traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as e:
+            if os.environ.get("MOEPARADIGMS_TRACEBACK"):
+                raise
+            reasons = [ln.strip()[2:] for ln in str(e).splitlines()
+                       if ln.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in ln]
+            print(f"moeparadigms: error: invalid configuration: {'; '.join(reasons) or e}\n"
+                  "(set MOEPARADIGMS_TRACEBACK=1 for the traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         config = dict(config)
         root = config.get("default_root_dir") or os.getcwd()
