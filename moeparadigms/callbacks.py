@@ -99,8 +99,8 @@ class ListPlots(Callback):
         if plots:
             print("Plots written:\n" + "\n".join(f"  {p}" for p in plots))
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._report(trainer, pl_module)
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._report(trainer, pl_module)
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # teardown, not on_fit_end: Lightning runs the callbacks' on_fit_end before the module's, where
+        # paradigms draw their plots
+        if stage in ("fit", "test"):
+            self._report(trainer, pl_module)
