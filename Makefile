@@ -12,11 +12,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev,continual]"
+	$(PY) -m pip install -q -e ".[dev,continual,rl]"
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,continual,bench]" $(TORCH_PINS)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,continual,rl,bench]" $(TORCH_PINS)
 	touch $@
 
 # the test suite (slow benchmarks excluded; each has a seconds-long smoke test in the default run)

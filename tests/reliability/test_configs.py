@@ -84,3 +84,25 @@ def test_cli_lists_plots_at_the_end(tmp_path, capsys, monkeypatch):
           "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
     out = capsys.readouterr().out
     assert "Plots written:" in out and "accuracy_matrix.png" in out and "expert_usage.png" in out
+
+
+SUBCOMMAND_RUNS = {
+    "supervised": ["--config", "tasks/supervised/digits.yaml", "--config", "configs/supervised/moe_mlp.yaml"],
+    "multitask": ["--config", "tasks/multitask/digits.yaml", "--config", "configs/multitask/mmoe.yaml"],
+    "continual": ["--config", "tasks/continual/split_digits.yaml", "--config", "configs/continual/expert_growth.yaml",
+                  "--data.init_args.n_experiences=2", "--data.init_args.epochs_per_experience=1", "--trainer.max_epochs=2",
+                  "--model.init_args.plots=false"],
+}
+
+
+@pytest.mark.parametrize("paradigm", sorted(SUBCOMMAND_RUNS))
+def test_cli_fit_then_validate_and_test_from_checkpoint(paradigm, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = [*SUBCOMMAND_RUNS[paradigm], "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    main(["fit", *args, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"])
+    ckpt = sorted(tmp_path.rglob("last.ckpt"))[-1]
+    for sub in ("validate", "test"):
+        main([sub, *args, f"--ckpt_path={ckpt}", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2"])
+    metrics = sorted(tmp_path.rglob("metrics.csv"))
+    assert len(metrics) == 3, "fit, validate and test each log a version"
+    assert "test/" in metrics[-1].read_text().splitlines()[0], "the test run logged test metrics"
