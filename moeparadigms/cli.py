@@ -91,8 +91,9 @@ class MoEParadigmsCLI(LightningCLI):
         config = dict(config)
         root = config.get("default_root_dir") or os.getcwd()
         if config.get("logger") in (None, True):
-            tb = TensorBoardLogger(save_dir=root, name="lightning_logs")
-            config["logger"] = [tb, CSVLogger(save_dir=root, name="lightning_logs", version=tb.version)]
+            # one version directory for both; CSV first, since it warns about a directory another logger filled
+            csv = CSVLogger(save_dir=root, name="lightning_logs")
+            config["logger"] = [csv, TensorBoardLogger(save_dir=root, name="lightning_logs", version=csv.version)]
         given = config.get("callbacks") or []
         given = list(given) if isinstance(given, list) else [given]
         extra: list[Callback] = [FailFast(), ListPlots()]

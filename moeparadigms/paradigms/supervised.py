@@ -1,6 +1,8 @@
 """Supervised classification with an MoE network: the smallest paradigm, and the CLI's smoke test."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import Tensor, nn
 from ..checkpoint import check_compatible, hparams_ignore
 from ..core import MoE, RoutingMetrics
 from ..nets import MoEMLP
-from .logging import log_routing_metrics, update_routing_metrics
+from .logging import log_routing_metrics, plot_expert_load, update_routing_metrics
 
 
 class MoEClassifier(pl.LightningModule):
@@ -68,7 +70,18 @@ class MoEClassifier(pl.LightningModule):
         log_routing_metrics(self, self.routing["train_"], "train")
 
     def on_validation_epoch_end(self) -> None:
-        log_routing_metrics(self, self.routing["val"], "val")
+        shares = log_routing_metrics(self, self.routing["val"], "val")
+        if not self.trainer.sanity_checking:
+            self.val_expert_load = shares
+
+    def on_fit_end(self) -> None:
+        """Write the last validation epoch's expert load (one row per MoE layer) beside the logs."""
+        loads = getattr(self, "val_expert_load", None)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if not loads or not self.trainer.is_global_zero or log_dir is None:
+            return
+        path = Path(log_dir) / "expert_load.png"
+        self.plot_paths = [plot_expert_load(loads, path, title=f"validation expert load after {self.current_epoch} epochs")]
 
     def on_test_epoch_end(self) -> None:
         log_routing_metrics(self, self.routing["test"], "test")

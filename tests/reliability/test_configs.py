@@ -69,7 +69,7 @@ def test_cli_defaults_loggers_progress_bar_checkpoints(tmp_path, monkeypatch):
     cli = MoEParadigmsCLI(args=["--config", "tasks/supervised/digits.yaml", "--config", "configs/supervised/moe_mlp.yaml",
                                 f"--trainer.default_root_dir={tmp_path}"], run=False)
     tr = cli.trainer
-    assert [type(lg) for lg in tr.loggers] == [TensorBoardLogger, CSVLogger]
+    assert [type(lg) for lg in tr.loggers] == [CSVLogger, TensorBoardLogger]
     assert tr.loggers[0].log_dir == tr.loggers[1].log_dir, "one version directory for both loggers"
     kinds = {type(c) for c in tr.callbacks}
     assert {RichProgressBar, FailFast, ListPlots, ModelCheckpoint} <= kinds
