@@ -125,8 +125,21 @@ class _GroupedFFN(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
+        # grad mode is on inside a backward only under create_graph=True (double backward, second-order
+        # MAML, torch.func hessians): this kernel's gradients are not differentiable, so refuse instead of
+        # silently returning first-order terms
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the grouped expert kernel (backend='loop', or 'auto' on CPU) is differentiable once only; "
+                "a second derivative (create_graph=True, e.g. second-order MAML) needs the experts built with "
+                "backend='autograd'"
+            )
+        return _GroupedFFN._backward(ctx, dy)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def _backward(ctx, dy):
         perm, bounds, rows, act, glu, nb = ctx.meta
         x, h, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
