@@ -111,6 +111,12 @@ class GymEnvs(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Updates(self.total_steps), batch_size=None)  # more items than updates: PPO stops itself
 
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Updates(1), batch_size=None)  # one item: PPO plays its evaluation episodes
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(_Updates(1), batch_size=None)
+
 
 def _plain(v: Any) -> Any:
     """numpy values as checkpoint-safe plain data (None when not plain)."""
@@ -268,6 +274,8 @@ class PPO(pl.LightningModule):
         lr, anneal_lr: Adam learning rate, annealed linearly to 0 over ``trainer.max_steps`` updates.
         norm_adv, norm_obs: normalise advantages per minibatch; observations with running statistics.
         torch_threads: intra-op threads (small policies run fastest with 1 on CPU).
+        eval_episodes: greedy-policy episodes per validation/test (``val/return``, ``test/return``), on a
+            separate environment seeded from the DataModule's seed.
     """
 
     def __init__(
@@ -291,6 +299,7 @@ class PPO(pl.LightningModule):
         norm_adv: bool = True,
         norm_obs: bool = False,
         torch_threads: int | None = 1,
+        eval_episodes: int = 5,
     ) -> None:
         super().__init__()
         if network not in NETWORKS:
@@ -510,6 +519,27 @@ class PPO(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, eps=1e-5)
+
+    # ------------------------------------------------------------------ validation / test: greedy episodes
+    def _play(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        env = gym.make(dm.env_id, **dm.env_kwargs)
+        returns = []
+        for ep in range(self.hparams.eval_episodes):
+            obs, _ = env.reset(seed=dm.seed + 1_000_003 + ep)
+            done, total = False, 0.0
+            while not done:
+                obs, r, term, trunc, _ = env.step(self.act(np.asarray(obs)[None], deterministic=True)[0])
+                total, done = total + float(r), term or trunc
+            returns.append(total)
+        env.close()
+        self.log(f"{stage}/return", float(np.mean(returns)), prog_bar=True, batch_size=1)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._play("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._play("test")
 
     # ------------------------------------------------------------------ checkpoints that resume exactly
     def _rollout_state(self, envs: Any) -> dict[str, Any]:

@@ -92,6 +92,10 @@ SUBCOMMAND_RUNS = {
     "continual": ["--config", "tasks/continual/split_digits.yaml", "--config", "configs/continual/expert_growth.yaml",
                   "--data.init_args.n_experiences=2", "--data.init_args.epochs_per_experience=1", "--trainer.max_epochs=2",
                   "--model.init_args.plots=false"],
+    "meta": ["--config", "tasks/meta/sinusoid.yaml", "--config", "configs/meta/moe_maml.yaml",
+             "--data.init_args.num_test_tasks=8", "--data.init_args.eval_batch_size=8", "--trainer.val_check_interval=1"],
+    "rl": ["--config", "tasks/rl/cartpole.yaml", "--config", "configs/rl/ppo_dense.yaml", "--data.init_args.total_steps=600",
+           "--model.init_args.eval_episodes=1"],
 }
 
 

@@ -187,3 +187,15 @@ def test_evaluate_runs_a_saved_policy_and_records_video(tmp_path):
     with pytest.raises(ValueError, match="is not a registered Gymnasium environment"):
         evaluate(ckpt, 1, env_id="NoSuchEnv-v0")
     json.dumps(evaluate(ckpt, 1))  # plain floats
+
+
+def test_bench_rl_quick_smoke(tmp_path):
+    out = tmp_path / "rl.json"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/bench_rl.py"), "--quick", "--out", str(out), "--plots", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = json.loads(out.read_text())["records"]
+    keys = {"env", "method", "seed", "steps", "final_return", "steps_to_threshold", "wall_s"}
+    assert {r["method"] for r in recs} == {"sb3-ppo", "ppo-dense", "ppo-moe"} and all(keys <= r.keys() for r in recs)
+    assert all(r["steps"] == 2000 and r["wall_s"] > 0 for r in recs)
+    assert (tmp_path / "CartPole-v1.png").exists()
