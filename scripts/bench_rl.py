@@ -88,7 +88,7 @@ def run_ours(env_id: str, seed: int, steps: int, network: str) -> tuple[list[tup
                   load_balance_coef=0.01, z_loss_coef=0.001)
     model = PPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
                 update_epochs=z["n_epochs"], minibatch_size=z["batch_size"], clip_coef=z["clip"], ent_coef=z["ent_coef"],
-                lr=z["lr"], anneal_lr=z["lr_linear"], norm_obs=z["normalize"], torch_threads=1)
+                lr=z["lr"], anneal_lr=z["lr_linear"], norm_obs=z["normalize"], torch_threads=1, plots=False)
     dm = GymEnvs(env_id=env_id, num_envs=z["n_envs"], total_steps=steps, seed=seed)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0)  # SB3 evaluates nothing either

@@ -30,6 +30,7 @@ import math
 import numbers
 import warnings
 from collections import deque
+from pathlib import Path
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -276,6 +277,8 @@ class PPO(pl.LightningModule):
         torch_threads: intra-op threads (small policies run fastest with 1 on CPU).
         eval_episodes: greedy-policy episodes per validation/test (``val/return``, ``test/return``), on a
             separate environment seeded from the DataModule's seed.
+        plots: write the learning curve (episode returns against environment steps) as
+            ``learning_curve.png`` in the log directory at the end of fit.
     """
 
     def __init__(
@@ -300,6 +303,7 @@ class PPO(pl.LightningModule):
         norm_obs: bool = False,
         torch_threads: int | None = 1,
         eval_episodes: int = 5,
+        plots: bool = True,
     ) -> None:
         super().__init__()
         if network not in NETWORKS:
@@ -519,6 +523,30 @@ class PPO(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, eps=1e-5)
+
+    def on_fit_end(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if not self.hparams.plots or not self.history or not self.trainer.is_global_zero or not log_dir:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps, rets = np.array([h[0] for h in self.history]), np.array([h[1] for h in self.history])
+        smooth = np.array([rets[max(0, i - 19) : i + 1].mean() for i in range(len(rets))])
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(steps, rets, ".", ms=2, alpha=0.3, label="episode return")
+        ax.plot(steps, smooth, label="mean of last 20")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("return")
+        ax.set_title(f"{self.trainer.datamodule.env_id}: PPO ({self.hparams.network})", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(log_dir) / "learning_curve.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        self.plot_paths = [path]
 
     # ------------------------------------------------------------------ validation / test: greedy episodes
     def _play(self, stage: str) -> None:
