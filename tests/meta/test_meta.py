@@ -115,6 +115,7 @@ class _SlopeTasks(EpisodicDataModule):
 
 
 def _fit(model, dm, **kw):
+    model.hparams.plots = False  # no PNGs in the working directory
     tr = pl.Trainer(max_epochs=1, accelerator="cpu", inference_mode=False, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kw)
     tr.fit(model, dm)

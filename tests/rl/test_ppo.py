@@ -93,7 +93,7 @@ def _fit(network: str = "dense", total: int = 3000, env_id: str = "CartPole-v1",
         moe = MoE(router=TopKRouter(d_model=64, num_experts=4, top_k=2), experts=MLPExperts(d_model=64, hidden=64, num_experts=4))
     if network == "soft_moe":
         moe = MoE(router=SoftMoERouter(d_model=16, num_experts=4), experts=MLPExperts(d_model=16, hidden=32, num_experts=4))
-    m = PPO(network=network, moe=moe, **kw)
+    m = PPO(network=network, moe=moe, plots=False, **kw)
     dm = GymEnvs(env_id=env_id, num_envs=4, total_steps=total)
     pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                deterministic=True).fit(m, dm)
