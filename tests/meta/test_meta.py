@@ -4,6 +4,7 @@ determinism, checkpoints and bad input."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,27 @@ def test_bench_meta_quick_smoke(tmp_path):
     assert recs and all(keys <= r.keys() for r in recs)
     assert {r["method"] for r in recs} == {"dense-maml", "moe-maml"} and {r["steps"] for r in recs} == {0, 1, 10}
     assert (tmp_path / "plots" / "sinusoid_K5.png").exists()
+
+
+def test_functional_call_reaches_the_substituted_expert_weights():
+    """Expert weights are ExpertParam row blocks: the substituted ones, not the module's, must be used."""
+    m = _model(True)
+    x, _ = _task()
+    params = dict(m.net.named_parameters())
+    experts = [n for n in params if ".experts." in n]
+    assert experts, list(params)
+    base = m._call(params, x)[0]
+    g = torch.Generator().manual_seed(0)
+    for n in experts:
+        # a random perturbation: a constant shift is invisible after the block's LayerNorm (zero-mean input)
+        perturbed = {**params, n: params[n] + 0.1 * torch.randn(params[n].shape, generator=g, dtype=params[n].dtype)}
+        assert not torch.allclose(m._call(perturbed, x)[0], base), f"substituting {n} did not change the output"
+    torch.testing.assert_close(m._call(params, x)[0], base)  # the module's own weights were not modified
+
+
+@pytest.mark.slow
+def test_bench_meta_full(tmp_path):
+    out = tmp_path / "meta.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts/bench_meta.py"), "--out", str(out), "--plots", str(tmp_path / "plots")],
+                   check=True, cwd=ROOT)
+    assert len(json.loads(out.read_text())["records"]) > 0
