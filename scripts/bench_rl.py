@@ -9,6 +9,13 @@ never), ``wall_s`` the wall time of training. Learning curves are written as PNG
 
     python scripts/bench_rl.py --out benchmarks/results/rl.json --plots benchmarks/results/rl_plots
     python scripts/bench_rl.py --quick --out /tmp/rl.json          # seconds-long smoke run
+
+Multi-task suites (``--envs cartpole-mt``): ``moeparadigms/CartPoleMT-v0`` (four CartPole physics, the task id
+one-hot at the end of the observation, a task drawn per episode) with CartPole's zoo settings; methods
+``ppo-dense-multihead`` (dense 64-64 trunk, one actor and one critic head per task) and ``ppo-moe-task`` (the
+middle layer is a top-1 MoE of 4 experts routed by task id alone, ``TaskConditionedRouter(conditioning=
+"task_only")``, same per-task heads; about equal active parameters, counts recorded as ``active_params``).
+Their records also carry ``final_return_per_task`` (mean of each task's last 20 episodes).
 """
 from __future__ import annotations
 
@@ -21,11 +28,14 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-THRESHOLD = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "LunarLander-v3": 200.0}
-STEPS = {"CartPole-v1": 100_000, "Acrobot-v1": 100_000, "LunarLander-v3": 300_000}
+THRESHOLD = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "LunarLander-v3": 200.0, "cartpole-mt": 475.0}
+STEPS = {"CartPole-v1": 100_000, "Acrobot-v1": 100_000, "LunarLander-v3": 300_000, "cartpole-mt": 100_000}
 METHODS = ("sb3-ppo", "ppo-dense", "ppo-moe")
+SUITES = {"cartpole-mt": ("moeparadigms/CartPoleMT-v0", "CartPole-v1")}  # suite -> (Gymnasium id, zoo settings of)
+SUITE_METHODS = ("ppo-dense-multihead", "ppo-moe-task")
+ALL_METHODS = METHODS + SUITE_METHODS
 # rl-baselines3-zoo hyperparams/ppo.yml. Not reproduced on our side: the zoo's linear clip-range schedule
-# (CartPole; ours keeps 0.2) and VecNormalize's reward normalisation (Acrobot; ours normalises observations).
+# (CartPole; ours keeps 0.2). VecNormalize (Acrobot) is our norm_obs + norm_reward.
 ZOO = {
     "CartPole-v1": dict(n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
                         lr=1e-3, lr_linear=True, clip=0.2, normalize=False),
@@ -38,7 +48,7 @@ ZOO = {
 
 def _first_reach(history: list[tuple[int, float]], threshold: float) -> int | None:
     window: deque[float] = deque(maxlen=20)
-    for steps, r in history:
+    for steps, r, *_ in history:
         window.append(r)
         if len(window) == 20 and sum(window) / 20 >= threshold:
             return int(steps)
@@ -74,27 +84,45 @@ def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]]
     return history, time.perf_counter() - t0
 
 
-def run_ours(env_id: str, seed: int, steps: int, network: str) -> tuple[list[tuple[int, float]], float]:
+def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, int]:
     import pytorch_lightning as pl
 
-    from moeparadigms.core import MLPExperts, MoE, TopKRouter
+    from moeparadigms.core import MLPExperts, MoE, TaskConditionedRouter, TopKRouter
     from moeparadigms.paradigms.rl import PPO, GymEnvs
 
-    z = ZOO[env_id]
+    gym_id, zoo_of = SUITES.get(env_id, (env_id, env_id))
+    z = ZOO[zoo_of]
     pl.seed_everything(seed, verbose=False)
-    moe = None
-    if network == "moe":
+    moe, network = None, "dense"
+    if method == "ppo-moe":
+        network = "moe"
         moe = MoE(router=TopKRouter(d_model=64, num_experts=4, top_k=2), experts=MLPExperts(d_model=64, hidden=64, num_experts=4),
                   load_balance_coef=0.01, z_loss_coef=0.001)
+    if method == "ppo-moe-task":  # top-1 of 4 experts of hidden 32: about the dense 64x64 layer's active parameters
+        network = "moe"
+        moe = MoE(router=TaskConditionedRouter(d_model=64, num_experts=4, num_tasks=4, top_k=1, conditioning="task_only"),
+                  experts=MLPExperts(d_model=64, hidden=32, num_experts=4), load_balance_coef=0.01)
     model = PPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
                 update_epochs=z["n_epochs"], minibatch_size=z["batch_size"], clip_coef=z["clip"], ent_coef=z["ent_coef"],
-                lr=z["lr"], anneal_lr=z["lr_linear"], norm_obs=z["normalize"], torch_threads=1, plots=False)
-    dm = GymEnvs(env_id=env_id, num_envs=z["n_envs"], total_steps=steps, seed=seed)
+                lr=z["lr"], anneal_lr=z["lr_linear"], norm_obs=z["normalize"], torch_threads=1, plots=False,
+                task_heads=env_id in SUITES)
+    dm = GymEnvs(env_id=gym_id, num_envs=z["n_envs"], total_steps=steps, seed=seed)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0)  # SB3 evaluates nothing either
     t0 = time.perf_counter()
     trainer.fit(model, dm)
-    return list(model.history), time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    return list(model.history), wall, active_params(model.actor)
+
+
+def active_params(net) -> int:
+    """Parameters one sample's forward uses: all of a dense net; of an MoE block, top_k experts of its bank."""
+    total = sum(p.numel() for p in net.parameters())
+    if net.block is None:
+        return total
+    bank = sum(p.numel() for p in net.block.moe.experts.parameters())
+    moe = net.block.moe
+    return total - bank + bank * moe.router.top_k // moe.experts.num_experts
 
 
 def run_one(job: dict) -> dict:
@@ -102,22 +130,30 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     env_id, seed, steps, method = job["env"], job["seed"], job["steps"], job["method"]
+    active = None
     if method == "sb3-ppo":
         history, wall = run_sb3(env_id, seed, steps)
     else:
-        history, wall = run_ours(env_id, seed, steps, "dense" if method == "ppo-dense" else "moe")
-    last = [r for _, r in history[-20:]]
-    return {"env": env_id, "method": method, "seed": seed, "steps": steps,
-            "final_return": sum(last) / len(last) if last else None,
-            "steps_to_threshold": _first_reach(history, THRESHOLD[env_id]), "wall_s": wall,
-            "curve": [[int(s), float(r)] for s, r in history]}
+        history, wall, active = run_ours(env_id, seed, steps, method)
+    last = [h[1] for h in history[-20:]]
+    rec = {"env": env_id, "method": method, "seed": seed, "steps": steps,
+           "final_return": sum(last) / len(last) if last else None,
+           "steps_to_threshold": _first_reach(history, THRESHOLD[env_id]), "wall_s": wall, "active_params": active,
+           "curve": [[int(h[0]), float(h[1])] for h in history]}
+    if env_id in SUITES:
+        per = {}
+        for task in sorted({h[2] for h in history}):
+            rs = [h[1] for h in history if h[2] == task][-20:]
+            per[str(task)] = sum(rs) / len(rs)
+        rec["final_return_per_task"] = per
+    return rec
 
 
 def table(records: list[dict]) -> str:
     lines = ["| env | method | steps | final return (median) | steps to threshold (median; reached) | wall s (median) | µs / env step |",
              "|---|---|---|---|---|---|---|"]
     for env in dict.fromkeys(r["env"] for r in records):
-        for m in METHODS:
+        for m in ALL_METHODS:
             rs = [r for r in records if r["env"] == env and r["method"] == m]
             if not rs:
                 continue
@@ -141,7 +177,7 @@ def plots(records: list[dict], folder: Path) -> list[Path]:
     out = []
     for env in dict.fromkeys(r["env"] for r in records):
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        for m in METHODS:
+        for m in ALL_METHODS:
             rs = [r for r in records if r["env"] == env and r["method"] == m]
             if not rs:
                 continue
@@ -171,12 +207,30 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plots", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="CartPole, 2,000 steps, one seed: a smoke run")
-    ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1"], choices=list(THRESHOLD))
+    ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "cartpole-mt"], choices=list(THRESHOLD))
+    ap.add_argument("--steps", type=int, default=None, help="env steps per run for every env (default: STEPS[env])")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(ALL_METHODS), help="a subset of the methods")
     ap.add_argument("--jobs", type=int, default=1, help="parallel runs (1: the timings are not disturbed by each other)")
+    ap.add_argument("--combine", nargs="+", type=Path, default=None,
+                    help="merge the records of earlier --out files (a later file's record replaces an earlier one with the same "
+                         "env, method and seed) into --out, print the table and plot; trains nothing")
     args = ap.parse_args()
-    envs, seeds = (["CartPole-v1"], 1) if args.quick else (args.envs, args.seeds)
-    jobs = [dict(env=e, seed=s, method=m, steps=2_000 if args.quick else STEPS[e]) for e in envs for s in range(seeds) for m in METHODS]
+    if args.combine:
+        merged: dict[tuple, dict] = {}
+        for f in args.combine:
+            for r in json.loads(f.read_text())["records"]:
+                merged[(r["env"], r["method"], r["seed"])] = {**r, "source": f.name}
+        records = list(merged.values())
+        args.out.write_text(json.dumps({"records": records, "combined_from": [f.name for f in args.combine]}, indent=1))
+        print(table(records))
+        for p in plots(records, args.plots) if args.plots else []:
+            print("plot:", p)
+        return
+    envs, seeds = (["CartPole-v1", "cartpole-mt"], 1) if args.quick else (args.envs, args.seeds)
+    jobs = [dict(env=e, seed=s, method=m, steps=2_000 if args.quick else args.steps or STEPS[e])
+            for e in envs for s in range(seeds) for m in (SUITE_METHODS if e in SUITES else METHODS)
+            if args.methods is None or m in args.methods]
     try:
         from rich.progress import track
     except ImportError:  # pragma: no cover

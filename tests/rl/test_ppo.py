@@ -196,6 +196,9 @@ def test_bench_rl_quick_smoke(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     recs = json.loads(out.read_text())["records"]
     keys = {"env", "method", "seed", "steps", "final_return", "steps_to_threshold", "wall_s"}
-    assert {r["method"] for r in recs} == {"sb3-ppo", "ppo-dense", "ppo-moe"} and all(keys <= r.keys() for r in recs)
+    assert {(r["env"], r["method"]) for r in recs} == {("CartPole-v1", "sb3-ppo"), ("CartPole-v1", "ppo-dense"), ("CartPole-v1", "ppo-moe"),
+                                                      ("cartpole-mt", "ppo-dense-multihead"), ("cartpole-mt", "ppo-moe-task")}
+    assert all(keys <= r.keys() for r in recs)
+    assert all(set(r["final_return_per_task"]) <= {"0", "1", "2", "3"} for r in recs if r["env"] == "cartpole-mt")
     assert all(r["steps"] == 2000 and r["wall_s"] > 0 for r in recs)
     assert (tmp_path / "CartPole-v1.png").exists()
