@@ -202,3 +202,18 @@ def test_bench_rl_quick_smoke(tmp_path):
     assert all(set(r["final_return_per_task"]) <= {"0", "1", "2", "3"} for r in recs if r["env"] == "cartpole-mt")
     assert all(r["steps"] == 2000 and r["wall_s"] > 0 for r in recs)
     assert (tmp_path / "CartPole-v1.png").exists()
+
+
+def test_norm_reward_scales_by_the_running_return_std():
+    """SB3 VecNormalize(norm_reward=True) semantics: rewards divided by the std of the running discounted return;
+    the logged episode returns stay in the environment's units."""
+    m = _fit("dense", 1024, norm_reward=True, gamma=0.98)
+    assert float(m.ret_rms.count) > 100 and float(m.ret_rms.var) > 0
+    env = gym.wrappers.vector.RecordEpisodeStatistics(gym.make_vec("CartPole-v1", 4, vectorization_mode="sync"))
+    obs, _ = env.reset(seed=0)
+    m.next_obs, m.next_autoreset = torch.as_tensor(obs), torch.zeros(4)
+    r = m.collect_rollout(env)
+    scale = 1.0 / float((m.ret_rms.var + 1e-8).sqrt())
+    valid = r["valid"].bool()
+    assert torch.allclose(r["rewards"][valid], torch.full_like(r["rewards"][valid], scale), rtol=0.2)
+    assert all(ret >= 8 for _, ret, *rest in m.history), "episode returns are logged unscaled"
