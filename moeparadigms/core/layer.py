@@ -6,6 +6,7 @@ Shape legend:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,17 @@ from ._dist import data_parallel_world, sum_over_ranks
 from .experts import Experts, Init
 from .params import Remap, merge_remaps
 from .routing import Router, Routing, SoftMoERouter, SoftRouting
+
+
+#: ``dense_dispatch="auto"`` computes every expert on every token (no sort, no gathers) while the whole
+#: bank's multiply-adds on the batch stay below this (the crossover of a side-by-side timing of both paths on
+#: CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "small batches")
+DENSE_MACS = 2**22
+
+
+def _region(name: str):
+    """A profiler label when a profiler is recording; free otherwise (record_function costs ~10 us a call)."""
+    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
 
 
 class RoutingStats(NamedTuple):
@@ -59,6 +71,12 @@ class MoE(nn.Module):
             the load-balancing loss's expert fractions ``f`` from the token counts summed over all ranks,
             so DDP training equals one process on the same global batch (``P`` stays local and DDP's
             gradient averaging makes it global). False: each rank balances its own batch (Switch/GShard).
+        dense_dispatch: for stacked banks (:class:`MLPExperts`, :class:`GLUExperts`) and dropless dispatch:
+            ``True`` computes every expert on every token and combines with the (mostly zero) gate matrix,
+            the same function with no sort, gather or host sync, plain autograd (so also twice
+            differentiable); ``False`` always sorts; ``"auto"`` takes the dense path while the whole bank's
+            multiply-adds on the batch stay under ``DENSE_MACS`` (small batches: RL rollouts, few-shot
+            episodes), where the sorted path's fixed cost dominates.
     """
 
     def __init__(
@@ -74,6 +92,7 @@ class MoE(nn.Module):
         load_coef: float = 0.0,
         check_finite: bool = True,
         balance_across_ranks: bool = True,
+        dense_dispatch: bool | str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -98,6 +117,9 @@ class MoE(nn.Module):
         self.coefs = {"load_balance": load_balance_coef, "z_loss": z_loss_coef, "importance": importance_coef, "load": load_coef}
         self.check_finite = check_finite
         self.balance_across_ranks = balance_across_ranks
+        if dense_dispatch not in (True, False, "auto"):
+            raise ValueError(f"dense_dispatch must be True, False or 'auto', got {dense_dispatch!r}")
+        self.dense_dispatch = dense_dispatch
         router.check_finite = check_finite
 
     @property
@@ -133,7 +155,7 @@ class MoE(nn.Module):
             soft = self.router(groups, task_id_T=task_id_T)
             y_TD, losses, stats = self._soft(groups, soft)
         else:
-            with record_function("moe/router"):
+            with _region("moe/router"):
                 routing = self.router(x_TD, task_id_T=task_id_T)
             y_TD, losses, stats = self._sparse(x_TD, routing)
         if self.shared_experts is not None:
@@ -160,16 +182,37 @@ class MoE(nn.Module):
             raise ValueError(f"task_id {bad} out of range: this router has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
         return t.reshape(-1)
 
+    def _use_dense(self, T: int) -> bool:
+        if self.dense_dispatch is False or self.capacity_factor is not None or not hasattr(self.experts, "forward_dense"):
+            return False
+        if self.dense_dispatch is True:
+            return True
+        # every expert on every token costs T * E * (D * H_in + H * D) multiply-adds; below DENSE_MACS that is
+        # cheaper than the sorted path's fixed cost (sort, gathers, one host sync per expert bank)
+        e = self.experts
+        return T * e.num_experts * sum(p.shape[1] * p.shape[2] for p in (e.w1, e.w2)) <= DENSE_MACS
+
     def _sparse(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
         E = self.num_experts
-        if routing.ids_TK is not None and routing.weights_TK is not None and not self.experts.plain_autograd:
+        if self._use_dense(x_TD.shape[0]):
+            with _region("moe/experts_dense"):
+                if routing.ids_TK is not None and routing.weights_TK is not None:
+                    gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weights_TK.dtype)
+                    gates = gates.scatter(1, routing.ids_TK, routing.weights_TK)
+                else:
+                    gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weight_A.dtype)
+                    gates = gates.index_put((routing.token_A, routing.expert_A), routing.weight_A, accumulate=True)
+                y_TD = self.experts.forward_dense(x_TD, gates).to(x_TD.dtype)
+            counts = torch.bincount(routing.expert_A.detach(), minlength=E)
+            dropped, total = counts.new_zeros(()), routing.expert_A.numel()
+        elif routing.ids_TK is not None and routing.weights_TK is not None and not self.experts.plain_autograd:
             # token choice: sorting is a permutation of the T*K choices, both directions are plain gathers
             cap = None if self.capacity_factor is None else dsp.capacity(routing.ids_TK.numel(), E, self.capacity_factor)
-            with record_function("moe/permute"):
+            with _region("moe/permute"):
                 perm = dsp.topk_permutation(routing.ids_TK, E, cap)
-            with record_function("moe/experts"):
+            with _region("moe/experts"):
                 y_AD = self.experts.forward_gathered(x_TD, perm)
-            with record_function("moe/unpermute"):
+            with _region("moe/unpermute"):
                 y_TD = dsp.unpermute_topk(y_AD, routing.weights_TK, perm).to(x_TD.dtype)
             counts, dropped, total = perm.counts_E, perm.dropped, routing.ids_TK.numel()
         else:

@@ -73,11 +73,13 @@ def _check_against_reference(moe: MoE, x: torch.Tensor, task=None, capacity=None
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["sorted", "dense"])
 @pytest.mark.parametrize("experts", list(EXPERTS))
 @pytest.mark.parametrize("router", list(ROUTERS))
-def test_dispatch_matches_per_token_loop(router, experts):
+def test_dispatch_matches_per_token_loop(router, experts, dense):
     r = ROUTERS[router]()
-    moe = MoE(router=r, experts=EXPERTS[experts](), shared_experts=FFN(d_model=D, hidden=3) if router == "topk2" else None)
+    moe = MoE(router=r, experts=EXPERTS[experts](), shared_experts=FFN(d_model=D, hidden=3) if router == "topk2" else None,
+              dense_dispatch=dense)
     x = torch.randn(2, 5, D)
     _check_against_reference(moe, x, task=_task(r))
 
@@ -152,8 +154,9 @@ def test_grouped_mm_backend_matches_loop():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_frozen_experts_get_no_gradient_and_rest_matches_reference():
-    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-gelu-bias"]())
+@pytest.mark.parametrize("dense", [False, True], ids=["sorted", "dense"])
+def test_frozen_experts_get_no_gradient_and_rest_matches_reference(dense):
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-gelu-bias"](), dense_dispatch=dense)
     moe.freeze_experts([1, 2])
     _check_against_reference(moe, torch.randn(2, 5, D))
     for p in moe.parameters():
@@ -190,8 +193,10 @@ def test_seeded_runs_are_identical():
         assert torch.equal(a, b)
 
 
-def test_autocast_bf16_close_to_fp32():
-    moe = MoE(router=TopKRouter(d_model=32, num_experts=E, top_k=2), experts=MLPExperts(d_model=32, hidden=64, num_experts=E))
+@pytest.mark.parametrize("dense", [False, True], ids=["sorted", "dense"])
+def test_autocast_bf16_close_to_fp32(dense):
+    moe = MoE(router=TopKRouter(d_model=32, num_experts=E, top_k=2), experts=MLPExperts(d_model=32, hidden=64, num_experts=E),
+              dense_dispatch=dense)
     x = torch.randn(64, 32)
     y32 = moe(x).y
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -226,10 +231,10 @@ def test_grouped_gemm_paths_match_reference(monkeypatch, threads, extension):
     elif not _kernels.available():
         pytest.skip("the grouped-GEMM extension cannot be built here")
     torch.set_num_threads(threads)
-    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-gelu-bias"]())
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-gelu-bias"](), dense_dispatch=False)
     moe.freeze_experts([3])
     _check_against_reference(moe, torch.randn(4, 9, D))
-    glu = MoE(router=ROUTERS["expert-choice"](), experts=EXPERTS["swiglu"]())
+    glu = MoE(router=ROUTERS["expert-choice"](), experts=EXPERTS["swiglu"](), dense_dispatch=False)
     _check_against_reference(glu, torch.randn(4, 9, D))
 
 
@@ -248,7 +253,7 @@ def test_plain_autograd_banks_support_double_backward(experts):
 
 
 def test_fast_path_refuses_double_backward_clearly():
-    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-relu"]())
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-relu"](), dense_dispatch=False)
     x = torch.randn(5, D, requires_grad=True)
     # refused when the differentiable backward is requested (it used to return silently first-order terms)
     with pytest.raises(RuntimeError, match="differentiable once only.*backend='autograd'"):
@@ -266,3 +271,33 @@ def test_backward_twice_with_retained_graph_accumulates():
     (g3,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(g1, g3)
     assert not torch.allclose(g1, g2)
+
+
+@pytest.mark.parametrize("experts", ["mlp-gelu-bias", "swiglu"])
+def test_dense_dispatch_supports_double_backward(experts):
+    """The small-batch dense path is plain autograd: second derivatives are exact (finite differences)."""
+    torch.manual_seed(0)
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS[experts](), dense_dispatch=True)
+    moe = moe.double().eval()
+    x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda inp: moe(inp).y, (x,), atol=1e-5)
+
+
+def test_auto_dispatch_takes_dense_path_for_small_batches_only(monkeypatch):
+    from moeparadigms.core import layer
+
+    moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=2), experts=EXPERTS["mlp-gelu-bias"]())
+    calls = []
+    dense = moe.experts.forward_dense
+    monkeypatch.setattr(moe.experts, "forward_dense", lambda *a: calls.append(1) or dense(*a))
+    per_token = E * 2 * D * 6  # the bank's multiply-adds per token: E experts, D x H in and H x D out
+    monkeypatch.setattr(layer, "DENSE_MACS", 10 * per_token)
+    moe(torch.randn(10, D))
+    assert calls == [1], "10 tokens are within the budget: dense"
+    moe(torch.randn(11, D))
+    assert calls == [1], "11 tokens exceed it: sorted"
+    moe.capacity_factor = 1.0
+    moe(torch.randn(3, D))
+    assert calls == [1], "capacity-limited dispatch never takes the dense path (it has no drops)"
+    with pytest.raises(ValueError, match="dense_dispatch must be True, False or 'auto', got 'yes'"):
+        MoE(router=TopKRouter(d_model=D, num_experts=E), experts=EXPERTS["mlp-relu"](), dense_dispatch="yes")
