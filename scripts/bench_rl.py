@@ -28,14 +28,18 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-THRESHOLD = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "LunarLander-v3": 200.0, "cartpole-mt": 475.0}
-STEPS = {"CartPole-v1": 100_000, "Acrobot-v1": 100_000, "LunarLander-v3": 300_000, "cartpole-mt": 100_000}
+THRESHOLD = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "LunarLander-v3": 200.0, "cartpole-mt": 475.0,
+             "minigrid-mt": 0.5}
+STEPS = {"CartPole-v1": 100_000, "Acrobot-v1": 100_000, "LunarLander-v3": 300_000, "cartpole-mt": 100_000,
+         "minigrid-mt": 300_000}
 METHODS = ("sb3-ppo", "ppo-dense", "ppo-moe")
-SUITES = {"cartpole-mt": ("moeparadigms/CartPoleMT-v0", "CartPole-v1")}  # suite -> (Gymnasium id, zoo settings of)
+# suite -> (Gymnasium id, zoo settings of, number of tasks)
+SUITES = {"cartpole-mt": ("moeparadigms/CartPoleMT-v0", "CartPole-v1", 4),
+          "minigrid-mt": ("moeparadigms/MiniGridMT3-v0", "MiniGrid", 3)}
 SUITE_METHODS = ("ppo-dense-multihead", "ppo-moe-task")
 ALL_METHODS = METHODS + SUITE_METHODS
-# rl-baselines3-zoo hyperparams/ppo.yml. Not reproduced on our side: the zoo's linear clip-range schedule
-# (CartPole; ours keeps 0.2). VecNormalize (Acrobot) is our norm_obs + norm_reward.
+# rl-baselines3-zoo hyperparams/ppo.yml; lr_linear: the zoo's lin_ learning rate and clip range (CartPole), our
+# anneal_lr + anneal_clip. VecNormalize (Acrobot, MiniGrid) is our norm_obs + norm_reward.
 ZOO = {
     "CartPole-v1": dict(n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
                         lr=1e-3, lr_linear=True, clip=0.2, normalize=False),
@@ -43,6 +47,9 @@ ZOO = {
                        lr=3e-4, lr_linear=False, clip=0.2, normalize=True),
     "LunarLander-v3": dict(n_envs=16, n_steps=1024, batch_size=64, gae_lambda=0.98, gamma=0.999, n_epochs=4,
                            ent_coef=0.01, lr=3e-4, lr_linear=False, clip=0.2, normalize=False),
+    # the zoo's MiniGrid-DoorKey-5x5 / FourRooms settings (VecNormalize on, as for Acrobot)
+    "MiniGrid": dict(n_envs=8, n_steps=128, batch_size=64, gae_lambda=0.95, gamma=0.99, n_epochs=10, ent_coef=0.0,
+                     lr=2.5e-4, lr_linear=False, clip=0.2, normalize=True),
 }
 
 
@@ -90,7 +97,7 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
     from moeparadigms.core import MLPExperts, MoE, TaskConditionedRouter, TopKRouter
     from moeparadigms.paradigms.rl import PPO, GymEnvs
 
-    gym_id, zoo_of = SUITES.get(env_id, (env_id, env_id))
+    gym_id, zoo_of, num_tasks = SUITES.get(env_id, (env_id, env_id, 1))
     z = ZOO[zoo_of]
     pl.seed_everything(seed, verbose=False)
     moe, network = None, "dense"
@@ -100,11 +107,12 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
                   load_balance_coef=0.01, z_loss_coef=0.001)
     if method == "ppo-moe-task":  # top-1 of 4 experts of hidden 32: about the dense 64x64 layer's active parameters
         network = "moe"
-        moe = MoE(router=TaskConditionedRouter(d_model=64, num_experts=4, num_tasks=4, top_k=1, conditioning="task_only"),
+        moe = MoE(router=TaskConditionedRouter(d_model=64, num_experts=4, num_tasks=num_tasks, top_k=1, conditioning="task_only"),
                   experts=MLPExperts(d_model=64, hidden=32, num_experts=4), load_balance_coef=0.01)
     model = PPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
                 update_epochs=z["n_epochs"], minibatch_size=z["batch_size"], clip_coef=z["clip"], ent_coef=z["ent_coef"],
-                lr=z["lr"], anneal_lr=z["lr_linear"], norm_obs=z["normalize"], torch_threads=1, plots=False,
+                lr=z["lr"], anneal_lr=z["lr_linear"], anneal_clip=z["lr_linear"], norm_obs=z["normalize"],
+                norm_reward=z["normalize"], torch_threads=1, plots=False,
                 task_heads=env_id in SUITES)
     dm = GymEnvs(env_id=gym_id, num_envs=z["n_envs"], total_steps=steps, seed=seed)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -141,11 +149,16 @@ def run_one(job: dict) -> dict:
            "steps_to_threshold": _first_reach(history, THRESHOLD[env_id]), "wall_s": wall, "active_params": active,
            "curve": [[int(h[0]), float(h[1])] for h in history]}
     if env_id in SUITES:
-        per = {}
+        per, succ = {}, {}
         for task in sorted({h[2] for h in history}):
             rs = [h[1] for h in history if h[2] == task][-20:]
             per[str(task)] = sum(rs) / len(rs)
+            succ[str(task)] = sum(r > 0 for r in rs) / len(rs)  # MiniGrid: a positive return is a reached goal
         rec["final_return_per_task"] = per
+        rec["final_return_task_mean"] = sum(per.values()) / len(per) if per else None
+        if env_id == "minigrid-mt":
+            rec["final_success_per_task"] = succ
+            rec["final_success_task_mean"] = sum(succ.values()) / len(succ) if succ else None
     return rec
 
 
@@ -206,7 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plots", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true", help="CartPole, 2,000 steps, one seed: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="CartPole and the two suites, 2,000 steps, one seed: a smoke run")
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "cartpole-mt"], choices=list(THRESHOLD))
     ap.add_argument("--steps", type=int, default=None, help="env steps per run for every env (default: STEPS[env])")
     ap.add_argument("--seeds", type=int, default=3)
@@ -227,7 +240,7 @@ def main() -> None:
         for p in plots(records, args.plots) if args.plots else []:
             print("plot:", p)
         return
-    envs, seeds = (["CartPole-v1", "cartpole-mt"], 1) if args.quick else (args.envs, args.seeds)
+    envs, seeds = (["CartPole-v1", "cartpole-mt", "minigrid-mt"], 1) if args.quick else (args.envs, args.seeds)
     jobs = [dict(env=e, seed=s, method=m, steps=2_000 if args.quick else args.steps or STEPS[e])
             for e in envs for s in range(seeds) for m in (SUITE_METHODS if e in SUITES else METHODS)
             if args.methods is None or m in args.methods]

@@ -284,7 +284,9 @@ class PPO(pl.LightningModule):
         update_epochs, minibatch_size: PPO epochs per update and minibatch size.
         clip_coef, clip_vloss: policy clip range; clip the value loss too.
         ent_coef, vf_coef, max_grad_norm: loss weights and gradient clipping.
-        lr, anneal_lr: Adam learning rate, annealed linearly to 0 over ``trainer.max_steps`` updates.
+        lr, anneal_lr: Adam learning rate, annealed linearly to 0 over the run's environment steps (SB3's
+            ``lr * progress_remaining``, progress taken after each rollout as SB3 does).
+        anneal_clip: anneal ``clip_coef`` the same way (the SB3 zoo's ``lin_0.2`` clip range, CartPole).
         norm_adv, norm_obs: normalise advantages per minibatch; observations with running statistics.
         norm_reward: scale rewards by the running standard deviation of the discounted return (SB3's
             ``VecNormalize(norm_reward=True)``; clipped to +-10). Logged returns stay unscaled.
@@ -319,6 +321,7 @@ class PPO(pl.LightningModule):
         max_grad_norm: float = 0.5,
         lr: float = 1e-3,
         anneal_lr: bool = True,
+        anneal_clip: bool = False,
         norm_adv: bool = True,
         norm_obs: bool = False,
         norm_reward: bool = False,
@@ -355,6 +358,7 @@ class PPO(pl.LightningModule):
         self.moe = moe
         self.automatic_optimization = False
         self.built = False
+        self.clip = clip_coef  # the clip range of the current update (annealed with anneal_clip)
         self.recent_returns: deque[float] = deque(maxlen=20)
         self.history: list[tuple[int, float, int]] = []  # (env steps, episode return, task id)
 
@@ -460,11 +464,12 @@ class PPO(pl.LightningModule):
         h = self.hparams
         opt = self.optimizers()
         total = self.trainer.datamodule.total_steps
-        if h.anneal_lr:  # SB3: lr * progress_remaining
-            frac = max(0.0, 1.0 - int(self.env_steps) / total)
+        r = self.collect_rollout(self.trainer.datamodule.envs)
+        frac = max(0.0, 1.0 - int(self.env_steps) / total)  # SB3's progress_remaining, after the rollout
+        if h.anneal_lr:
             for g in opt.param_groups:
                 g["lr"] = frac * h.lr
-        r = self.collect_rollout(self.trainer.datamodule.envs)
+        self.clip = h.clip_coef * frac if h.anneal_clip else h.clip_coef
         self.update(r, opt)
         if int(self.env_steps) >= total:
             self.trainer.should_stop = True
@@ -545,10 +550,10 @@ class PPO(pl.LightningModule):
                 a = b_adv[mb]
                 if h.norm_adv and a.numel() > 1:
                     a = (a - a.mean()) / (a.std() + 1e-8)
-                pg = torch.max(-a * ratio, -a * ratio.clamp(1 - h.clip_coef, 1 + h.clip_coef)).mean()
+                pg = torch.max(-a * ratio, -a * ratio.clamp(1 - self.clip, 1 + self.clip)).mean()
                 v, aux_c = self.value(b_obs[mb], t_mb)
                 if h.clip_vloss:
-                    v_clip = b_val[mb] + (v - b_val[mb]).clamp(-h.clip_coef, h.clip_coef)
+                    v_clip = b_val[mb] + (v - b_val[mb]).clamp(-self.clip, self.clip)
                     v_loss = 0.5 * torch.max((v - b_ret[mb]).square(), (v_clip - b_ret[mb]).square()).mean()
                 else:
                     v_loss = 0.5 * (v - b_ret[mb]).square().mean()
@@ -563,10 +568,11 @@ class PPO(pl.LightningModule):
                     stats["v"] += float(v_loss)
                     stats["ent"] += float(ent.mean())
                     stats["aux"] += float(aux_a + aux_c)
-                    stats["clipfrac"] += float(((ratio - 1).abs() > h.clip_coef).float().mean())
+                    stats["clipfrac"] += float(((ratio - 1).abs() > self.clip).float().mean())
                 count += 1
         logs = {f"train/{k}": v / max(count, 1) for k, v in stats.items()}
         logs["train/env_steps"] = float(self.env_steps)
+        logs["train/clip_range"] = self.clip
         if self.recent_returns:
             logs["train/episode_return"] = float(np.mean(self.recent_returns))
         self.log_dict(logs, prog_bar=False)

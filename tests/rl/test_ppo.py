@@ -197,9 +197,12 @@ def test_bench_rl_quick_smoke(tmp_path):
     recs = json.loads(out.read_text())["records"]
     keys = {"env", "method", "seed", "steps", "final_return", "steps_to_threshold", "wall_s"}
     assert {(r["env"], r["method"]) for r in recs} == {("CartPole-v1", "sb3-ppo"), ("CartPole-v1", "ppo-dense"), ("CartPole-v1", "ppo-moe"),
-                                                      ("cartpole-mt", "ppo-dense-multihead"), ("cartpole-mt", "ppo-moe-task")}
+                                                      ("cartpole-mt", "ppo-dense-multihead"), ("cartpole-mt", "ppo-moe-task"),
+                                                      ("minigrid-mt", "ppo-dense-multihead"), ("minigrid-mt", "ppo-moe-task")}
     assert all(keys <= r.keys() for r in recs)
     assert all(set(r["final_return_per_task"]) <= {"0", "1", "2", "3"} for r in recs if r["env"] == "cartpole-mt")
+    for r in (r for r in recs if r["env"] == "minigrid-mt"):
+        assert set(r["final_success_per_task"]) <= {"0", "1", "2"} and 0 <= r["final_success_task_mean"] <= 1
     assert all(r["steps"] == 2000 and r["wall_s"] > 0 for r in recs)
     assert (tmp_path / "CartPole-v1.png").exists()
 
@@ -217,3 +220,25 @@ def test_norm_reward_scales_by_the_running_return_std():
     valid = r["valid"].bool()
     assert torch.allclose(r["rewards"][valid], torch.full_like(r["rewards"][valid], scale), rtol=0.2)
     assert all(ret >= 8 for _, ret, *rest in m.history), "episode returns are logged unscaled"
+
+
+def test_anneal_clip_and_lr_follow_sb3_progress_remaining(monkeypatch):
+    """The zoo's lin_0.2 clip range and linear learning rate: both scaled by SB3's progress_remaining,
+    1 - env_steps / total_steps counted after each rollout."""
+    seen = []
+    update = PPO.update
+
+    def spy(self, r, opt):
+        seen.append((int(self.env_steps), self.clip, opt.param_groups[0]["lr"]))
+        return update(self, r, opt)
+
+    monkeypatch.setattr(PPO, "update", spy)
+    _fit("dense", 512, anneal_clip=True, clip_coef=0.3, lr=1e-3, num_steps=32)  # 4 envs x 32 steps per rollout
+    steps = [s for s, _, _ in seen]
+    assert 100 < steps[0] <= 128 and steps == sorted(steps) and len(steps) >= 4  # after the 4 x 32-step rollout
+    for steps, clip, lr in seen:
+        frac = max(0.0, 1 - steps / 512)
+        assert clip == pytest.approx(0.3 * frac) and lr == pytest.approx(1e-3 * frac)
+    seen.clear()
+    _fit("dense", 256, clip_coef=0.3, num_steps=32)
+    assert seen and all(c == 0.3 for _, c, _ in seen), "without anneal_clip the clip range stays"
