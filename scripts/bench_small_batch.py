@@ -31,6 +31,17 @@ def _time(fn, n: int, repeats: int) -> list[float]:
     return out
 
 
+def _step(module, x, phase: str) -> None:
+    """One forward (no_grad) or one forward+backward of an MoE (its aux loss included) or a plain module."""
+    if phase == "forward":
+        with torch.no_grad():
+            module(x)
+        return
+    out = module(x)
+    loss = out.y.sum() + out.aux_loss if hasattr(out, "aux_loss") else out.sum()
+    loss.backward()
+
+
 def main() -> None:
     from moeparadigms.core import MLPExperts, MoE, TopKRouter
     from moeparadigms.core.layer import DENSE_MACS
@@ -57,25 +68,10 @@ def main() -> None:
                 for _ in range(2):  # interleave the two paths
                     for name, flag in (("sorted", False), ("dense", True)):
                         moe.dense_dispatch = flag
-                        if phase == "forward":
-                            def fn():
-                                with torch.no_grad():
-                                    moe(x)
-                        else:
-                            def fn():
-                                out = moe(x)
-                                (out.y.sum() + out.aux_loss).backward()
-                        samples[name] += _time(fn, n, repeats)
+                        samples[name] += _time(lambda m=moe, x=x, p=phase: _step(m, x, p), n, repeats)
                 row[f"{phase}_sorted_us"] = st.median(samples["sorted"])
                 row[f"{phase}_dense_us"] = st.median(samples["dense"])
-
-                def lin_fn(phase=phase):
-                    if phase == "forward":
-                        with torch.no_grad():
-                            lin(x)
-                    else:
-                        lin(x).sum().backward()
-                row[f"{phase}_linear_us"] = st.median(_time(lin_fn, n, repeats))
+                row[f"{phase}_linear_us"] = st.median(_time(lambda m=lin, x=x, p=phase: _step(m, x, p), n, repeats))
             records.append(row)
             print(f"D={d} H={h} E={e} k={k} T={t:5d} macs={row['bank_macs']:>10,} auto={'dense ' if row['auto_dense'] else 'sorted'} "
                   f"fwd sorted/dense {row['forward_sorted_us']:7.0f}/{row['forward_dense_us']:7.0f} us  "

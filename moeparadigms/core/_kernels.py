@@ -97,8 +97,15 @@ def _load():
             _failed = True
             return None
         try:
-            from torch.utils.cpp_extension import load_inline
+            import hashlib
 
+            from torch.utils.cpp_extension import get_default_build_root, load_inline
+
+            # one build folder per torch installation: two virtualenvs sharing ~/.cache would otherwise
+            # rebuild the extension (~35 s) every time a process of the other one loads it
+            tag = hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:10]
+            build = os.path.join(get_default_build_root(), f"moeparadigms_grouped_mm-{tag}")
+            os.makedirs(build, exist_ok=True)
             _module = load_inline(
                 name="moeparadigms_grouped_mm",
                 cpp_sources=[_SOURCE],
@@ -108,6 +115,7 @@ def _load():
                 # as an active parallel region and runs each GEMM single-threaded.
                 extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
+                build_directory=build,
                 verbose=False,
             )
         except Exception as e:  # noqa: BLE001 - any build failure means: use the Python loop

@@ -20,7 +20,6 @@ from .experts import Experts, Init
 from .params import Remap, merge_remaps
 from .routing import Router, Routing, SoftMoERouter, SoftRouting
 
-
 #: ``dense_dispatch="auto"`` computes every expert on every token (no sort, no gathers) while the whole
 #: bank's multiply-adds on the batch stay below this (the crossover of a side-by-side timing of both paths on
 #: CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "small batches")
