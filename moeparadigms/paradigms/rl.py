@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Normal
 from torch.utils.data import DataLoader, Dataset
 
+from ..benchmarks import metaworld as _metaworld  # noqa: F401  (registers MetaWorldMT10; imports metaworld only when built)
 from ..benchmarks import rl_envs  # noqa: F401  (registers the project's environments)
 from ..checkpoint import check_compatible, hparams_ignore
 from ..core import MoE, SoftMoERouter, TaskConditionedRouter
@@ -300,7 +301,9 @@ class PPO(pl.LightningModule):
     Multi-task environments declare ``metadata["num_tasks"] = T`` and end their observation with the one-hot
     task id (``moeparadigms/CartPoleMT-v0``); single-task environments are one task. The task id picks the
     head (``task_heads``) and enters routing when the MoE's router is a ``TaskConditionedRouter``, whose
-    ``num_tasks`` must cover the environment's.
+    ``num_tasks`` must cover the environment's. Environments that report ``info["is_success"]`` at the end of
+    an episode (``moeparadigms/MetaWorldMT10-v0``) also get ``train/success_rate`` (last 20 episodes) and
+    ``val/success_rate`` / ``test/success_rate``.
     """
 
     def __init__(
@@ -360,6 +363,7 @@ class PPO(pl.LightningModule):
         self.built = False
         self.clip = clip_coef  # the clip range of the current update (annealed with anneal_clip)
         self.recent_returns: deque[float] = deque(maxlen=20)
+        self.recent_success: deque[float] = deque(maxlen=20)  # environments that report info['is_success']
         self.history: list[tuple[int, float, int]] = []  # (env steps, episode return, task id)
 
     # ------------------------------------------------------------------ building from the env
@@ -519,6 +523,8 @@ class PPO(pl.LightningModule):
                     for i in np.nonzero(info["_episode"])[0]:
                         r = float(info["episode"]["r"][i])
                         self.recent_returns.append(r)
+                        if "is_success" in info and info["_is_success"][i]:  # e.g. Meta-World: success at any step
+                            self.recent_success.append(float(info["is_success"][i]))
                         self.history.append((int(self.env_steps), r, 0 if task is None else int(task[i])))
             next_value = self.value(self._obs(self.next_obs), self.task_of(self.next_obs))[0]
         adv, ret = gae(rew_buf, val_buf, next_value, term_buf, trunc_buf, valid_buf, h.gamma, h.gae_lambda)
@@ -575,6 +581,8 @@ class PPO(pl.LightningModule):
         logs["train/clip_range"] = self.clip
         if self.recent_returns:
             logs["train/episode_return"] = float(np.mean(self.recent_returns))
+        if self.recent_success:
+            logs["train/success_rate"] = float(np.mean(self.recent_success))
         self.log_dict(logs, prog_bar=False)
         if self.recent_returns:
             self.log("return", logs["train/episode_return"], prog_bar=True)
@@ -616,16 +624,20 @@ class PPO(pl.LightningModule):
     def _play(self, stage: str) -> None:
         dm = self.trainer.datamodule
         env = gym.make(dm.env_id, **dm.env_kwargs)
-        returns = []
+        returns, successes = [], []
         for ep in range(self.hparams.eval_episodes):
             obs, _ = env.reset(seed=dm.seed + 1_000_003 + ep)
             done, total = False, 0.0
             while not done:
-                obs, r, term, trunc, _ = env.step(self.act(np.asarray(obs)[None], deterministic=True)[0])
+                obs, r, term, trunc, info = env.step(self.act(np.asarray(obs)[None], deterministic=True)[0])
                 total, done = total + float(r), term or trunc
             returns.append(total)
+            if "is_success" in info:
+                successes.append(float(info["is_success"]))
         env.close()
         self.log(f"{stage}/return", float(np.mean(returns)), prog_bar=True, batch_size=1)
+        if successes:
+            self.log(f"{stage}/success_rate", float(np.mean(successes)), prog_bar=True, batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._play("val")
@@ -641,6 +653,7 @@ class PPO(pl.LightningModule):
             "next_obs": self.next_obs.clone(), "next_autoreset": self.next_autoreset.clone(),
             "disc_return": self.disc_return.clone(),
             "torch_rng": torch.get_rng_state(), "recent_returns": list(self.recent_returns),
+            "recent_success": list(self.recent_success),
             "history": [list(x) for x in self.history],
             "episode_stats": {k: _plain(getattr(envs, k)) for k in ("episode_returns", "episode_lengths", "prev_dones")},
             "vector": {"_autoreset_envs": _plain(getattr(vec, "_autoreset_envs", None))},
@@ -666,6 +679,7 @@ class PPO(pl.LightningModule):
         torch.set_rng_state(s["torch_rng"])
         self.disc_return = s["disc_return"].clone()
         self.recent_returns = deque(s["recent_returns"], maxlen=20)
+        self.recent_success = deque(s.get("recent_success", []), maxlen=20)
         self.history = [tuple(x) for x in s["history"]]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
