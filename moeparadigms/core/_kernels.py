@@ -101,9 +101,9 @@ def _load():
 
             from torch.utils.cpp_extension import get_default_build_root, load_inline
 
-            # one build folder per torch installation: two virtualenvs sharing ~/.cache would otherwise
+            # one build folder per torch installation and version: two virtualenvs sharing ~/.cache would otherwise
             # rebuild the extension (~35 s) every time a process of the other one loads it
-            tag = hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:10]
+            tag = hashlib.sha1(f"{os.path.dirname(torch.__file__)} {torch.__version__}".encode()).hexdigest()[:10]
             build = os.path.join(get_default_build_root(), f"moeparadigms_grouped_mm-{tag}")
             os.makedirs(build, exist_ok=True)
             _module = load_inline(

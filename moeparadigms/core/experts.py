@@ -338,9 +338,11 @@ class _StackedExperts(Experts):
     def forward_dense(self, x_TD: Tensor, gates_TE: Tensor) -> Tensor:
         """``sum_e gates_TE[t, e] * expert_e(x_TD[t])``: every expert on every token, weighted by a dense gate
         matrix (zero where a token is not routed). The same function as the sorted path (unrouted experts
-        get exactly zero gradient), computed with three batched matmuls and no sort, gather or host sync:
-        cheaper for small batches, where the sorted path's fixed cost dominates, and differentiable any
-        number of times. ``E / K`` times the expert FLOPs of the sorted path, so only for small ``T``."""
+        get exactly zero gradient), computed with three batched matmuls and no sort or gather: cheaper for
+        small batches, where the sorted path's fixed cost dominates, and differentiable any number of
+        times. ``E / K`` times the expert FLOPs of the sorted path, so only for small ``T``. One difference:
+        an unrouted expert whose output overflows to inf (fp16) gives 0 * inf = NaN, which the sorted path
+        never computes."""
         dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
         with torch.autocast(x_TD.device.type, enabled=False):
             x = x_TD.to(dtype).expand(self.num_experts, *x_TD.shape)

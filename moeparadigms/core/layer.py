@@ -72,7 +72,7 @@ class MoE(nn.Module):
             gradient averaging makes it global). False: each rank balances its own batch (Switch/GShard).
         dense_dispatch: for stacked banks (:class:`MLPExperts`, :class:`GLUExperts`) and dropless dispatch:
             ``True`` computes every expert on every token and combines with the (mostly zero) gate matrix,
-            the same function with no sort, gather or host sync, plain autograd (so also twice
+            the same function with no sort or per-expert gather, plain autograd (so also twice
             differentiable); ``False`` always sorts; ``"auto"`` takes the dense path while the whole bank's
             multiply-adds on the batch stay under ``DENSE_MACS`` (small batches: RL rollouts, few-shot
             episodes), where the sorted path's fixed cost dominates.
@@ -197,7 +197,7 @@ class MoE(nn.Module):
             with _region("moe/experts_dense"):
                 if routing.ids_TK is not None and routing.weights_TK is not None:
                     gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weights_TK.dtype)
-                    gates = gates.scatter(1, routing.ids_TK, routing.weights_TK)
+                    gates = gates.scatter_add(1, routing.ids_TK, routing.weights_TK)  # a repeated id adds, as sorted
                 else:
                     gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weight_A.dtype)
                     gates = gates.index_put((routing.token_A, routing.expert_A), routing.weight_A, accumulate=True)

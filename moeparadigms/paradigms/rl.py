@@ -283,7 +283,7 @@ class PPO(pl.LightningModule):
         num_steps: rollout length per environment per update.
         gamma, gae_lambda: discount and GAE lambda.
         update_epochs, minibatch_size: PPO epochs per update and minibatch size.
-        clip_coef, clip_vloss: policy clip range; clip the value loss too.
+        clip_coef, clip_vloss: policy clip range; clip the value loss too (at ``clip_coef``, never annealed).
         ent_coef, vf_coef, max_grad_norm: loss weights and gradient clipping.
         lr, anneal_lr: Adam learning rate, annealed linearly to 0 over the run's environment steps (SB3's
             ``lr * progress_remaining``, progress taken after each rollout as SB3 does).
@@ -559,7 +559,7 @@ class PPO(pl.LightningModule):
                 pg = torch.max(-a * ratio, -a * ratio.clamp(1 - self.clip, 1 + self.clip)).mean()
                 v, aux_c = self.value(b_obs[mb], t_mb)
                 if h.clip_vloss:
-                    v_clip = b_val[mb] + (v - b_val[mb]).clamp(-self.clip, self.clip)
+                    v_clip = b_val[mb] + (v - b_val[mb]).clamp(-h.clip_coef, h.clip_coef)
                     v_loss = 0.5 * torch.max((v - b_ret[mb]).square(), (v_clip - b_ret[mb]).square()).mean()
                 else:
                     v_loss = 0.5 * (v - b_ret[mb]).square().mean()
