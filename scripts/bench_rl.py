@@ -223,6 +223,7 @@ def main() -> None:
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "cartpole-mt"], choices=list(THRESHOLD))
     ap.add_argument("--steps", type=int, default=None, help="env steps per run for every env (default: STEPS[env])")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-start", type=int, default=0, help="first seed (more seeds for an earlier run: --combine them)")
     ap.add_argument("--methods", nargs="+", default=None, choices=list(ALL_METHODS), help="a subset of the methods")
     ap.add_argument("--jobs", type=int, default=1, help="parallel runs (1: the timings are not disturbed by each other)")
     ap.add_argument("--combine", nargs="+", type=Path, default=None,
@@ -242,7 +243,7 @@ def main() -> None:
         return
     envs, seeds = (["CartPole-v1", "cartpole-mt", "minigrid-mt"], 1) if args.quick else (args.envs, args.seeds)
     jobs = [dict(env=e, seed=s, method=m, steps=2_000 if args.quick else args.steps or STEPS[e])
-            for e in envs for s in range(seeds) for m in (SUITE_METHODS if e in SUITES else METHODS)
+            for e in envs for s in range(args.seed_start, args.seed_start + seeds) for m in (SUITE_METHODS if e in SUITES else METHODS)
             if args.methods is None or m in args.methods]
     try:
         from rich.progress import track
