@@ -180,6 +180,23 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def suite_table(records: list[dict]) -> str:
+    """The multi-task target: the mean over tasks of each task's final return (and MiniGrid success), per seed."""
+    lines = ["| suite | method | task-mean final return: mean over seeds ± s.e. (per seed) | task-mean success (per seed) |",
+             "|---|---|---|---|"]
+    for env in [e for e in dict.fromkeys(r["env"] for r in records) if e in SUITES]:
+        for m in SUITE_METHODS:
+            rs = sorted((r for r in records if r["env"] == env and r["method"] == m), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            v = [r["final_return_task_mean"] for r in rs]
+            se = st.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan")
+            succ = [r.get("final_success_task_mean") for r in rs]
+            succ_txt = "–" if None in succ else f"{st.mean(succ):.3f} ({', '.join(f'{x:.2f}' for x in succ)})"
+            lines.append(f"| {env} | {m} | {st.mean(v):.3f} ± {se:.3f} ({', '.join(f'{x:.3g}' for x in v)}) | {succ_txt} |")
+    return "\n".join(lines)
+
+
 def plots(records: list[dict], folder: Path) -> list[Path]:
     import matplotlib
 
@@ -238,6 +255,7 @@ def main() -> None:
         records = list(merged.values())
         args.out.write_text(json.dumps({"records": records, "combined_from": [f.name for f in args.combine]}, indent=1))
         print(table(records))
+        print(suite_table(records))
         for p in plots(records, args.plots) if args.plots else []:
             print("plot:", p)
         return
@@ -260,6 +278,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"records": records, "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
                                     "cpu_count": os.cpu_count()}, indent=1))
     print(table(records))
+    print(suite_table(records))
     if args.plots:
         for p in plots(records, args.plots):
             print("plot:", p)
