@@ -18,8 +18,9 @@ Algorithms (``algorithm``):
     ``learn_inner_lr=True`` adds Meta-SGD (Li et al. 2017): one learned inner learning rate per adapted
     weight, trained in the outer loop (maml/fomaml).
 
-Second-order MAML needs differentiable experts: use ``MLPExperts(backend="autograd")`` (the fast CPU
-kernels are first-order only and say so). Evaluation adapts with gradients, so the Trainer must run with
+Second-order MAML needs twice-differentiable experts: ``MLPExperts(backend="autograd")``, or
+``MoE(dense_dispatch=True)`` (every expert on every token, plain autograd: cheaper for few-shot episodes);
+the fast sorted CPU kernels are first-order only and say so. Evaluation adapts with gradients, so the Trainer must run with
 ``inference_mode: false`` (checked). Query loss/accuracy after every inner step 0..``eval_steps`` is
 recorded for each evaluation task; ``eval_results`` holds mean and 95% CI per step.
 

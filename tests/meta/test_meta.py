@@ -20,9 +20,10 @@ from moeparadigms.paradigms.meta import MetaMoE
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _moe(backend: str = "autograd") -> MoE:
+def _moe(backend: str = "autograd", dense_dispatch: bool | str = "auto") -> MoE:
     return MoE(router=TopKRouter(d_model=8, num_experts=4, top_k=2),
-               experts=MLPExperts(d_model=8, hidden=8, num_experts=4, backend=backend), load_balance_coef=0.0, z_loss_coef=0.0)
+               experts=MLPExperts(d_model=8, hidden=8, num_experts=4, backend=backend), load_balance_coef=0.0, z_loss_coef=0.0,
+               dense_dispatch=dense_dispatch)
 
 
 def _model(moe: bool = True, **kw) -> MetaMoE:
@@ -97,8 +98,20 @@ def test_router_only_adaptation_leaves_experts_untouched():
     assert all(not torch.equal(fast[n], params[n]) for n in routers)
 
 
+def test_dense_dispatch_gives_second_order_maml_with_the_fast_backend():
+    """dense_dispatch=True is plain autograd: the second-order meta-gradient equals the autograd backend's."""
+    torch.manual_seed(0)
+    ref = MetaMoE(moe=_moe("autograd", dense_dispatch=False), in_features=1, out_features=1, task_kind="regression").double()
+    dense = MetaMoE(moe=_moe("loop", dense_dispatch=True), in_features=1, out_features=1, task_kind="regression").double()
+    dense.load_state_dict(ref.state_dict())
+    a, b = _meta_grad(ref, create_graph=True), _meta_grad(dense, create_graph=True)
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def test_fast_experts_backend_refuses_second_order_clearly():
-    m = MetaMoE(moe=_moe("loop"), in_features=1, out_features=1, task_kind="regression")
+    m = MetaMoE(moe=_moe("loop", dense_dispatch=False), in_features=1, out_features=1, task_kind="regression")
     x, y = _task()
     with pytest.raises(RuntimeError, match="backend='autograd'"):
         m.adapt(x.float(), y.float(), steps=1, create_graph=True)  # the inner step would need a second derivative
