@@ -20,10 +20,10 @@ from .experts import Experts, Init
 from .params import Remap, merge_remaps
 from .routing import Router, Routing, SoftMoERouter, SoftRouting
 
-#: ``dense_dispatch="auto"`` computes every expert on every token (no sort, no gathers) while the whole
-#: bank's multiply-adds on the batch stay below this (the crossover of a side-by-side timing of both paths on
-#: CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "small batches")
-DENSE_MACS = 2**22
+#: ``dense_dispatch="auto"`` computes every expert on every token (no sort, no gathers) while the multiply-adds
+#: it spends on experts a token was not routed to stay below this (the crossover of a side-by-side timing of
+#: both paths on CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "Small batches")
+DENSE_MACS = 2_500_000
 
 
 def _region(name: str):
@@ -74,8 +74,8 @@ class MoE(nn.Module):
             ``True`` computes every expert on every token and combines with the (mostly zero) gate matrix,
             the same function with no sort or per-expert gather, plain autograd (so also twice
             differentiable); ``False`` always sorts; ``"auto"`` takes the dense path while the whole bank's
-            multiply-adds on the batch stay under ``DENSE_MACS`` (small batches: RL rollouts, few-shot
-            episodes), where the sorted path's fixed cost dominates.
+            multiply-adds on unrouted (token, expert) pairs stay under ``DENSE_MACS`` (small batches: RL
+            rollouts, few-shot episodes), where the sorted path's fixed cost dominates.
     """
 
     def __init__(
@@ -181,19 +181,19 @@ class MoE(nn.Module):
             raise ValueError(f"task_id {bad} out of range: this router has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
         return t.reshape(-1)
 
-    def _use_dense(self, T: int) -> bool:
+    def _use_dense(self, T: int, assignments: int) -> bool:
         if self.dense_dispatch is False or self.capacity_factor is not None or not hasattr(self.experts, "forward_dense"):
             return False
         if self.dense_dispatch is True:
             return True
-        # every expert on every token costs T * E * (D * H_in + H * D) multiply-adds; below DENSE_MACS that is
-        # cheaper than the sorted path's fixed cost (sort, gathers, one host sync per expert bank)
+        # every expert on every token wastes (T * E - assignments) * (D * H_in + H * D) multiply-adds on unrouted
+        # pairs; below DENSE_MACS that is cheaper than the sorted path's fixed cost (sort, gathers, a host sync)
         e = self.experts
-        return T * e.num_experts * sum(p.shape[1] * p.shape[2] for p in (e.w1, e.w2)) <= DENSE_MACS
+        return (T * e.num_experts - assignments) * sum(p.shape[1] * p.shape[2] for p in (e.w1, e.w2)) <= DENSE_MACS
 
     def _sparse(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
         E = self.num_experts
-        if self._use_dense(x_TD.shape[0]):
+        if self._use_dense(x_TD.shape[0], routing.expert_A.numel()):
             with _region("moe/experts_dense"):
                 if routing.ids_TK is not None and routing.weights_TK is not None:
                     gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weights_TK.dtype)

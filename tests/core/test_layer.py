@@ -290,8 +290,8 @@ def test_auto_dispatch_takes_dense_path_for_small_batches_only(monkeypatch):
     calls = []
     dense = moe.experts.forward_dense
     monkeypatch.setattr(moe.experts, "forward_dense", lambda *a: calls.append(1) or dense(*a))
-    per_token = E * 2 * D * 6  # the bank's multiply-adds per token: E experts, D x H in and H x D out
-    monkeypatch.setattr(layer, "DENSE_MACS", 10 * per_token)
+    per_pair = 2 * D * 6  # one expert's multiply-adds on one token: D x H in, H x D out
+    monkeypatch.setattr(layer, "DENSE_MACS", 10 * (E - 2) * per_pair)  # top-2: E - 2 unrouted experts per token
     moe(torch.randn(10, D))
     assert calls == [1], "10 tokens are within the budget: dense"
     moe(torch.randn(11, D))
