@@ -15,7 +15,11 @@ one-hot at the end of the observation, a task drawn per episode) with CartPole's
 ``ppo-dense-multihead`` (dense 64-64 trunk, one actor and one critic head per task) and ``ppo-moe-task`` (the
 middle layer is a top-1 MoE of 4 experts routed by task id alone, ``TaskConditionedRouter(conditioning=
 "task_only")``, same per-task heads; about equal active parameters, counts recorded as ``active_params``).
-Their records also carry ``final_return_per_task`` (mean of each task's last 20 episodes).
+``--envs minigrid-mt``: ``moeparadigms/MiniGridMT3-v0`` (LavaGapS7, RedBlueDoors-6x6, MemoryS11) with the zoo's
+MiniGrid settings, the same two methods with three task heads. Suite records also carry
+``final_return_per_task`` (mean of each task's last 20 episodes) and ``final_return_task_mean``; MiniGrid's
+``final_success_per_task`` / ``final_success_task_mean`` (success = a positive return). The printed table adds
+the steps until each method's running mean reaches SB3's median final return on that env.
 """
 from __future__ import annotations
 
