@@ -1,0 +1,216 @@
+"""Post-hoc expert merging (MC-SMoE) and usage pruning, on any trained MoE with a stacked expert bank.
+
+MC-SMoE (Li et al., "Merge, Then Compress: Demystify Efficient SMoE with Hints from Its Routing Policy",
+ICLR 2024), as implemented here by :func:`merge_experts`:
+
+1. on calibration data, measure each expert's routing frequency and its router-logit profile (the column
+   of router logits over the calibration tokens; :func:`routing_profile`);
+2. the ``target`` most frequently used experts are the *dominant* experts; every other expert joins the group
+   of the dominant expert whose router-logit profile is most similar (cosine similarity);
+3. within a group, each member's hidden units are permuted to best match the dominant expert's (weight
+   matching: the similarity of hidden unit ``i`` of one expert and ``j`` of another is the dot product of
+   their ``W1`` columns (+ ``b1``) plus that of their ``W2`` rows; the permutation maximising the summed
+   similarity is found with ``scipy.optimize.linear_sum_assignment``). Permuting hidden units leaves an
+   expert's function unchanged;
+4. the group's aligned weights are averaged with the routing frequencies as weights, the result replaces the
+   dominant expert, and the other members are removed with :meth:`MoE.prune_experts`; the dominant expert's
+   router row is kept (``router="dominant"``, as MC-SMoE) or replaced by the frequency-weighted mean of the
+   group's rows (``router="average"``).
+
+:func:`prune_by_usage` is the baseline: keep the ``target`` most used experts, remove the rest.
+Both return the core's parameter :data:`~moeparadigms.core.Remap` for :func:`~moeparadigms.core.remap_optimizer`.
+
+Shape legend: T calibration tokens, D model width, H expert hidden width, E experts.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..core import MoE, Remap
+from ..core.experts import _StackedExperts
+
+
+@dataclass
+class RoutingProfile:
+    """Calibration statistics of one MoE layer: ``frequency_E`` (share of assignments each expert got) and
+    ``logits_TE`` (router logits of every calibration token)."""
+
+    frequency_E: Tensor
+    logits_TE: Tensor
+
+
+@torch.no_grad()
+def routing_profile(model: nn.Module, moe: MoE, batches: Iterable[Any], forward: Callable[[Any], Any] | None = None) -> RoutingProfile:
+    """Run ``model`` over ``batches`` (each passed to ``forward``, default ``model(batch)``; a tuple
+    ``(x, y)`` gives ``model(x)``) and record ``moe``'s routing: assignment frequency and router logits."""
+    counts = torch.zeros(moe.num_experts, dtype=torch.float64)
+    logits: list[Tensor] = []
+
+    def hook(_m: nn.Module, _inp: Any, routing: Any) -> None:
+        counts.add_(torch.bincount(routing.expert_A.detach().cpu(), minlength=moe.num_experts).double())
+        if routing.logits_TE is not None:
+            logits.append(routing.logits_TE.detach().float().cpu())
+
+    handle = moe.router.register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            if forward is not None:
+                forward(batch)
+            else:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if counts.sum() == 0:
+        raise ValueError("routing_profile saw no tokens: the calibration batches are empty or do not reach this MoE layer")
+    if not logits:
+        raise ValueError(f"router {type(moe.router).__name__} returns no logits; merging groups experts by router logits")
+    return RoutingProfile((counts / counts.sum()).float(), torch.cat(logits))
+
+
+def _bank(moe: MoE) -> _StackedExperts:
+    if not isinstance(moe.experts, _StackedExperts):
+        raise ValueError(f"merging needs a stacked MLPExperts/GLUExperts bank, got {type(moe.experts).__name__}")
+    return moe.experts
+
+
+def _check_target(moe: MoE, target: int) -> None:
+    if not isinstance(target, int) or not 1 <= target <= moe.num_experts:
+        raise ValueError(f"target must be an integer in [1, num_experts={moe.num_experts}], got {target!r}")
+    k = getattr(moe.router, "top_k", 1)
+    if target < k:
+        raise ValueError(f"target={target} is below the router's top_k={k}; keep at least top_k experts")
+
+
+def _write_row(p: Any, e: int, value: Tensor) -> None:
+    with torch.no_grad():
+        for start, b in p.layout():
+            if start <= e < start + b.shape[0]:
+                b[e - start].copy_(value)
+                return
+    raise IndexError(e)
+
+
+def _unit_features(bank: _StackedExperts, e: int) -> Tensor:
+    """Per hidden unit, the vector of weights it owns: ``W1`` column(s) (+ ``b1``) and ``W2`` row, ``(H, F)``."""
+    H = bank.hidden
+    w1 = bank.w1.row(e).detach()  # (D, H) or (D, 2H) for a GLU
+    parts = [w1[:, :H].t(), w1[:, H:].t()] if bank.glu else [w1.t()]
+    if bank.b1 is not None:
+        b1 = bank.b1.row(e).detach()
+        parts += [b1[:H, None], b1[H:, None]] if bank.glu else [b1[:, None]]
+    parts.append(bank.w2.row(e).detach())  # (H, D)
+    return torch.cat(parts, dim=1).float()
+
+
+def align_permutation(bank: _StackedExperts, ref: int, other: int) -> Tensor:
+    """The permutation ``perm`` (H,) of expert ``other``'s hidden units that best matches expert ``ref``'s:
+    unit ``i`` of the aligned expert is unit ``perm[i]`` of ``other`` (weight matching, Hungarian algorithm)."""
+    from scipy.optimize import linear_sum_assignment
+
+    sim = _unit_features(bank, ref) @ _unit_features(bank, other).t()  # (H ref units, H other units)
+    rows, cols = linear_sum_assignment(sim.cpu().numpy(), maximize=True)
+    perm = torch.empty(bank.hidden, dtype=torch.long)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    return perm
+
+
+def permuted_expert(bank: _StackedExperts, e: int, perm: Tensor) -> dict[str, Tensor]:
+    """Expert ``e``'s weights with its hidden units reordered by ``perm`` (the same function)."""
+    H = bank.hidden
+    cols = torch.cat([perm, perm + H]) if bank.glu else perm
+    out = {"w1": bank.w1.row(e).detach()[:, cols], "w2": bank.w2.row(e).detach()[perm]}
+    if bank.b1 is not None:
+        out["b1"] = bank.b1.row(e).detach()[cols]
+    if bank.b2 is not None:
+        out["b2"] = bank.b2.row(e).detach().clone()
+    return out
+
+
+def group_experts(profile: RoutingProfile, target: int) -> dict[int, list[int]]:
+    """MC-SMoE grouping: the ``target`` most used experts lead; every other expert joins the leader whose
+    router-logit profile (column of ``logits_TE``) has the highest cosine similarity. Returns
+    ``{dominant: [dominant, members...]}``."""
+    freq, logits = profile.frequency_E, profile.logits_TE
+    E = freq.numel()
+    order = torch.argsort(freq, descending=True, stable=True)
+    dominant = sorted(order[:target].tolist())
+    cols = torch.nn.functional.normalize(logits.t().double(), dim=1)  # (E, T)
+    sim = cols @ cols.t()
+    groups = {d: [d] for d in dominant}
+    for e in range(E):
+        if e in groups:
+            continue
+        best = max(dominant, key=lambda d: (float(sim[e, d]), -d))
+        groups[best].append(e)
+    return groups
+
+
+def merge_experts(moe: MoE, profile: RoutingProfile, target: int, *, align: bool = True,
+                  router: Literal["dominant", "average"] = "dominant") -> tuple[Remap, dict[int, list[int]]]:
+    """Merge ``moe``'s experts down to ``target`` (MC-SMoE; module docstring), in place.
+
+    Args:
+        moe: an MoE with a stacked expert bank and a router with one row per expert.
+        profile: :func:`routing_profile` of this layer on calibration data.
+        target: experts left after merging (>= the router's top_k).
+        align: permute hidden units to the dominant expert before averaging (False: plain averaging, an
+            ablation).
+        router: ``"dominant"`` keeps the dominant expert's router row; ``"average"`` takes the frequency-weighted
+            mean of the group's rows.
+    Returns:
+        ``(remap, groups)``: the parameter remap for ``remap_optimizer`` and the groups, by the old expert ids.
+    """
+    bank = _bank(moe)
+    _check_target(moe, target)
+    if router not in ("dominant", "average"):
+        raise ValueError(f"router={router!r} is not supported; choose one of ['average', 'dominant']")
+    if profile.frequency_E.numel() != moe.num_experts:
+        raise ValueError(f"profile has {profile.frequency_E.numel()} experts, the layer {moe.num_experts}")
+    groups = group_experts(profile, target)
+    freq = profile.frequency_E.double()
+    router_params = [m for m in moe.router.children() if hasattr(m, "layout") and hasattr(m, "row")]
+    merged: dict[int, dict[str, Tensor]] = {}
+    merged_router: dict[int, list[Tensor]] = {}
+    for d, members in groups.items():
+        w = freq[members]
+        w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(members))
+        acc: dict[str, Tensor] = {}
+        for m, wm in zip(members, w.tolist()):
+            perm = align_permutation(bank, d, m) if (align and m != d) else torch.arange(bank.hidden)
+            for k, v in permuted_expert(bank, m, perm).items():
+                acc[k] = acc.get(k, 0) + wm * v.double()
+        merged[d] = acc
+        merged_router[d] = [sum(wm * p.row(m).detach().double() for m, wm in zip(members, w.tolist()))
+                            for p in router_params]
+    for d, acc in merged.items():
+        for k, v in acc.items():
+            p = getattr(bank, k)
+            _write_row(p, d, v.to(p.row(d).dtype))
+        if router == "average":
+            for p, v in zip(router_params, merged_router[d]):
+                _write_row(p, d, v.to(p.row(d).dtype))
+    drop = [e for e in range(moe.num_experts) if e not in groups]
+    remap = moe.prune_experts(drop) if drop else {}
+    return remap, groups
+
+
+def prune_by_usage(moe: MoE, profile: RoutingProfile, target: int) -> tuple[Remap, list[int]]:
+    """The baseline: keep the ``target`` most used experts (calibration frequency), remove the rest with
+    :meth:`MoE.prune_experts`. Returns the remap and the kept expert ids (old numbering)."""
+    _check_target(moe, target)
+    order = torch.argsort(profile.frequency_E, descending=True, stable=True)
+    keep = sorted(order[:target].tolist())
+    drop = [e for e in range(moe.num_experts) if e not in keep]
+    return (moe.prune_experts(drop) if drop else {}), keep
+
+
+__all__ = ["RoutingProfile", "routing_profile", "group_experts", "align_permutation", "permuted_expert",
+           "merge_experts", "prune_by_usage"]
