@@ -2,16 +2,19 @@
 
 Three experiments, each over ``--seeds`` seeds, offline data only:
 
-* ``upcycle`` (MNIST-1D, generated procedurally): a dense network (``MoEMLP`` with one expert, hidden 128) is
+* ``upcycle`` (MNIST-1D, generated procedurally, 20,000 training sequences): a dense network (``MoEMLP`` with one expert, hidden 128) is
   trained ``--pretrain`` steps; then, from that checkpoint, ``--steps`` more steps of (a) the dense network,
   (b) the network upcycled to 8 experts, top-2 (copies), (c) drop-upcycled (``drop_ratio`` 0.5), each with a
   fresh AdamW at the same learning rate and the same batch order. Recorded: the step-0 output difference of the
-  copy-upcycled model from the dense one, validation loss/accuracy curves, and the first step at which each
+  copy-upcycled model from the dense one (float32, and float64 for the construction alone), validation
+  loss/accuracy curves, and the first step at which each
   upcycled model's validation loss reaches the continued dense model's *final* validation loss.
 * ``merge``: each trained copy-upcycled model (8 experts) is reduced to 4 experts without retraining by MC-SMoE
-  merging (router-logit grouping, hidden-unit alignment, frequency-weighted averaging; ``merge``), the same
-  without alignment (``merge-noalign``), and by usage pruning (``prune``, the baseline); the same for an 8-expert
-  model trained from scratch for the same steps. Calibration: 512 training samples.
+  merging (router-logit grouping, hidden-unit alignment, frequency-weighted averaging), with the router kept and
+  its choices mapped to groups (``merge-group``, as MC-SMoE), reduced to the dominant experts' rows
+  (``merge-dominant``) or to frequency-weighted mean rows (``merge-average``); ``merge-group-noalign`` skips the
+  alignment; ``prune`` is usage pruning (the baseline). The same for an 8-expert model trained from scratch for
+  the same steps. Calibration: 512 training samples.
 * ``aggregate`` (digits with a shortcut): a one-hot block naming the label is appended to each image, agreeing
   with the label 95% of the time in training and in the in-distribution test, never in the shifted test.
   Honda et al.'s mixture of expert classifiers (``PredictionMoE``, 8 experts, their router loss) is trained once
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -37,6 +41,9 @@ import torch
 import torch.nn.functional as F
 
 D_MODEL, HIDDEN, E, TOP_K = 64, 128, 8, 2
+#: merge-<router>[-noalign]: MC-SMoE merging with the router kept as groups (MC-SMoE), the dominant expert's row,
+#: or the frequency-weighted mean row; noalign skips the hidden-unit permutation; prune: usage pruning
+MERGES = ("merge-group", "merge-group-noalign", "merge-dominant", "merge-average", "prune")
 
 
 def log(msg: str) -> None:
@@ -44,11 +51,15 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def mnist1d(n_val: int) -> tuple[torch.Tensor, ...]:
+@functools.lru_cache(maxsize=1)
+def mnist1d(n_val: int, num_samples: int) -> tuple[torch.Tensor, ...]:
+    """MNIST-1D generated procedurally (no download): ``num_samples`` sequences, 80/20 train/test split (the
+    published set is 5,000; more samples keep a small MLP from overfitting within the run)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
-    d = make_dataset(args)  # procedurally generated, seed 42: no download
+    args.num_samples = num_samples
+    d = make_dataset(args)  # seed 42
     f = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
     x, y, xt, yt = f(d["x"]), torch.as_tensor(d["y"]).long(), f(d["x_test"]), torch.as_tensor(d["y_test"]).long()
     return x, y, xt[:n_val], yt[:n_val]
@@ -128,7 +139,7 @@ def steps_to_reach(curve, target: float) -> int | None:
 def run_upcycle_and_merge(seed: int, a) -> tuple[list[dict], list[dict], dict]:
     from moeparadigms.lifecycle import merge_experts, prune_by_usage, routing_profile, upcycle
 
-    data = mnist1d(a.n_val)
+    data = mnist1d(a.n_val, a.mnist1d_samples)
     x, y, xv, yv = data
     torch.manual_seed(seed)
     dense = moe_mlp(x.shape[1], 1, 1)
@@ -152,7 +163,19 @@ def run_upcycle_and_merge(seed: int, a) -> tuple[list[dict], list[dict], dict]:
         if method.startswith("upcycle"):
             with torch.no_grad():
                 net.eval()
-                rec["step0_max_abs_diff"] = float((net(xv).y - dense(xv).y).abs().max())
+                ref = dense(xv).y
+                rec["step0_max_abs_diff"] = float((net(xv).y - ref).abs().max())
+                rec["step0_max_abs_logit"] = float(ref.abs().max())
+                # the construction itself, free of float32 rounding: both networks in float64
+                rec["step0_max_abs_diff_fp64"] = float((copy.deepcopy(net).double()(xv.double()).y
+                                                        - copy.deepcopy(dense).double()(xv.double()).y).abs().max())
+                # float32 with both networks on the dense-dispatch path (every expert as one batched matmul), so
+                # the only difference left is the gate sum w_1 + w_2 = 1 in float32
+                same = [copy.deepcopy(m) for m in (net, dense)]
+                for m in same:
+                    for layer in m.moe_layers():
+                        layer.dense_dispatch = True
+                rec["step0_max_abs_diff_same_path"] = float((same[0](xv).y - same[1](xv).y).abs().max())
                 net.train()
         t0 = time.time()
         curve = train(net, data, a.steps, seed + 1, lr=a.lr, batch=a.batch, eval_every=a.eval_every, label=method)
@@ -174,14 +197,14 @@ def run_upcycle_and_merge(seed: int, a) -> tuple[list[dict], list[dict], dict]:
     for source in ("upcycle-copy", "scratch-moe"):
         full = models[source]
         _, acc8 = evaluate(full, xv, yv)
-        for how in ("merge", "merge-noalign", "merge-avgrouter", "prune"):
+        for how in MERGES:
             net = copy.deepcopy(full)
             prof = routing_profile(net, net.blocks[0].moe, [calib])
             if how == "prune":
                 prune_by_usage(net.blocks[0].moe, prof, a.target)
             else:
-                merge_experts(net.blocks[0].moe, prof, a.target, align=how != "merge-noalign",
-                              router="average" if how == "merge-avgrouter" else "dominant")
+                merge_experts(net.blocks[0].moe, prof, a.target, align=not how.endswith("noalign"),
+                              router=how.split("-")[1])
             loss, acc = evaluate(net, xv, yv)
             merges.append({"experiment": "merge", "seed": seed, "source": source, "method": how, "experts_before": E,
                            "experts_after": a.target, "acc_before": acc8, "acc_after": acc, "val_loss_after": loss,
@@ -244,6 +267,7 @@ def summarise(records: list[dict]) -> dict:
             "min_val_loss": ci([r["min_val_loss"] for r in rs]),
             "fraction_of_dense_steps": fr, "reached_in_all_seeds": all(f is not None for f in fr),
             "max_step0_diff": max((r.get("step0_max_abs_diff", 0.0) for r in rs), default=0.0),
+            "max_step0_diff_fp64": max((r.get("step0_max_abs_diff_fp64", 0.0) for r in rs), default=0.0),
         }
     for src in sorted({r["source"] for r in records if r["experiment"] == "merge"}):
         for m in sorted({r["method"] for r in records if r["experiment"] == "merge"}):
@@ -255,6 +279,30 @@ def summarise(records: list[dict]) -> dict:
             rs = [r for r in records if r["experiment"] == "aggregate" and r["model"] == model and r["combine"] == how]
             s["aggregate"][f"{model}/{how}"] = {"id_acc": ci([r["id_acc"] for r in rs]), "ood_acc": ci([r["ood_acc"] for r in rs])}
     return s
+
+
+def markdown(summary: dict) -> str:
+    """The summary as the markdown tables of benchmarks/notes/lifecycle.md (mean ± 95% CI over seeds)."""
+    f = lambda v, scale=1.0, nd=3: f"{scale * v[0]:.{nd}f} ± {scale * v[1]:.{nd}f}"  # noqa: E731
+    out = []
+    if summary["upcycle"]:
+        out += ["| method | final val loss | final val acc (%) | best val loss | steps to dense's final loss / steps |"
+                " max step-0 diff (fp32 / fp64) |", "|---|---|---|---|---|---|"]
+        for m, v in summary["upcycle"].items():
+            fr = ", ".join("never" if x is None else f"{x:.2f}" for x in v["fraction_of_dense_steps"])
+            diff = "" if m in ("dense", "scratch-moe") else f"{v['max_step0_diff']:.1e} / {v['max_step0_diff_fp64']:.1e}"
+            out.append(f"| {m} | {f(v['final_val_loss'])} | {f(v['final_val_acc'], 100, 1)} | {f(v['min_val_loss'])} | {fr} | {diff} |")
+        out.append("")
+    if summary["merge"]:
+        out += ["| model / reduction 8 -> 4 | acc before (%) | acc after (%) | accuracy kept |", "|---|---|---|---|"]
+        for k, v in summary["merge"].items():
+            out.append(f"| {k} | {f(v['acc_before'], 100, 1)} | {f(v['acc_after'], 100, 1)} | {f(v['retained'])} |")
+        out.append("")
+    if summary["aggregate"]:
+        out += ["| model / combination | in-distribution acc (%) | shifted (OOD) acc (%) |", "|---|---|---|"]
+        for k, v in summary["aggregate"].items():
+            out.append(f"| {k} | {f(v['id_acc'], 100, 1)} | {f(v['ood_acc'], 100, 1)} |")
+    return "\n".join(out)
 
 
 def plot(records: list[dict], summary: dict, plots: Path) -> list[str]:
@@ -334,12 +382,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--router-loss", type=float, default=0.5, help="Honda et al.'s router loss weight (their MNLI value)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--n-val", type=int, default=1000)
+    p.add_argument("--mnist1d-samples", type=int, default=25000, help="MNIST-1D sequences generated (80%% train)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--experiments", default="upcycle,aggregate", help="comma list of: upcycle (includes merge), aggregate")
     a = p.parse_args(argv)
     if a.quick:
-        a.seeds, a.pretrain, a.steps, a.eval_every, a.agg_steps, a.n_val = 1, 20, 20, 10, 20, 200
-    for name in ("seeds", "pretrain", "steps", "eval_every", "agg_steps", "target", "batch", "n_val"):
+        a.seeds, a.pretrain, a.steps, a.eval_every, a.agg_steps, a.n_val, a.mnist1d_samples = 1, 20, 20, 10, 20, 200, 1000
+    for name in ("seeds", "pretrain", "steps", "eval_every", "agg_steps", "target", "batch", "n_val", "mnist1d_samples"):
         if getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     exps = a.experiments.split(",")
@@ -358,13 +407,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(records)
     out = Path(a.out)
     plots = Path(a.plots) if a.plots else out.with_name(out.stem + "_plots")
-    result = {"config": {k: v for k, v in vars(a).items()}, "summary": summary, "records": records,
+    result = {"config": {k: v for k, v in vars(a).items()}, "summary": summary, "markdown": markdown(summary), "records": records,
               "plots": plot(records, summary, plots), "wall_s": time.time() - t0,
               "command": " ".join(["python", "scripts/bench_lifecycle.py", *(argv if argv is not None else sys.argv[1:])])}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     log(f"wrote {out} ({time.time() - t0:.0f}s)")
-    print(json.dumps(summary, indent=1))
+    print(result["markdown"])
     return result
 
 

@@ -14,8 +14,9 @@ ICLR 2024), as implemented here by :func:`merge_experts`:
    expert's function unchanged;
 4. the group's aligned weights are averaged with the routing frequencies as weights, the result replaces the
    dominant expert, and the other members are removed with :meth:`MoE.prune_experts`; the dominant expert's
-   router row is kept (``router="dominant"``, as MC-SMoE) or replaced by the frequency-weighted mean of the
-   group's rows (``router="average"``).
+   router row is kept (``router="dominant"``) or replaced by the frequency-weighted mean of the group's rows
+   (``router="average"``); or (``router="group"``, MC-SMoE's own choice) the router keeps all its rows and
+   choices, and a choice of any group member is sent to the group's merged expert (:class:`GroupedRouter`).
 
 :func:`prune_by_usage` is the baseline: keep the ``target`` most used experts, remove the rest.
 Both return the core's parameter :data:`~moeparadigms.core.Remap` for :func:`~moeparadigms.core.remap_optimizer`.
@@ -31,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..core import MoE, Remap
+from ..core import MoE, Remap, Router, Routing
 from ..core.experts import _StackedExperts
 
 
@@ -153,8 +154,45 @@ def group_experts(profile: RoutingProfile, target: int) -> dict[int, list[int]]:
     return groups
 
 
+class GroupedRouter(Router):
+    """A router that keeps a merged layer's original decisions: ``base`` routes over its ``E`` experts as
+    before, and each choice of expert ``e`` goes to merged expert ``group_of[e]`` with the same weight (two
+    choices of one group add up). Router probabilities for the load-balancing loss are summed per group.
+    The ``E`` router rows stay trainable; growth and pruning of a grouped layer are not supported."""
+
+    def __init__(self, base: Router, group_of: Tensor) -> None:
+        num_groups = int(group_of.max()) + 1
+        super().__init__(d_model=base.d_model, num_experts=num_groups)
+        if group_of.shape != (base.num_experts,) or set(group_of.tolist()) != set(range(num_groups)):
+            raise ValueError(f"group_of must map each of the {base.num_experts} experts to a group 0..G-1, got {group_of.tolist()}")
+        self.base = base
+        self.register_buffer("group_of", group_of.long().clone())
+
+    @property
+    def top_k(self) -> int:
+        return getattr(self.base, "top_k", 1)
+
+    def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
+        self.base.check_finite = self.check_finite
+        r = self.base(x_TD, task_id_T=task_id_T)
+        if not isinstance(r, Routing):
+            raise TypeError(f"GroupedRouter needs a token-choice base router, got {type(r).__name__}")
+        g = self.group_of.to(r.expert_A.device)
+        probs = None
+        if r.probs_TE is not None:
+            probs = r.probs_TE.new_zeros(r.probs_TE.shape[0], self.num_experts).index_add(1, g, r.probs_TE)
+        return Routing(r.token_A, g[r.expert_A], r.weight_A, r.logits_TE, probs, None,
+                       ids_TK=None if r.ids_TK is None else g[r.ids_TK], weights_TK=r.weights_TK)
+
+    def grow(self, *args, **kwargs) -> Remap:
+        raise NotImplementedError("a GroupedRouter (merged layer) cannot grow; add experts before merging")
+
+    def prune(self, keep_E: Tensor) -> Remap:
+        raise NotImplementedError("a GroupedRouter (merged layer) cannot be pruned")
+
+
 def merge_experts(moe: MoE, profile: RoutingProfile, target: int, *, align: bool = True,
-                  router: Literal["dominant", "average"] = "dominant") -> tuple[Remap, dict[int, list[int]]]:
+                  router: Literal["dominant", "average", "group"] = "dominant") -> tuple[Remap, dict[int, list[int]]]:
     """Merge ``moe``'s experts down to ``target`` (MC-SMoE; module docstring), in place.
 
     Args:
@@ -164,14 +202,16 @@ def merge_experts(moe: MoE, profile: RoutingProfile, target: int, *, align: bool
         align: permute hidden units to the dominant expert before averaging (False: plain averaging, an
             ablation).
         router: ``"dominant"`` keeps the dominant expert's router row; ``"average"`` takes the frequency-weighted
-            mean of the group's rows.
+            mean of the group's rows; ``"group"`` keeps every row and maps choices to groups (:class:`GroupedRouter`).
     Returns:
         ``(remap, groups)``: the parameter remap for ``remap_optimizer`` and the groups, by the old expert ids.
     """
     bank = _bank(moe)
     _check_target(moe, target)
-    if router not in ("dominant", "average"):
-        raise ValueError(f"router={router!r} is not supported; choose one of ['average', 'dominant']")
+    if router not in ("dominant", "average", "group"):
+        raise ValueError(f"router={router!r} is not supported; choose one of ['average', 'dominant', 'group']")
+    if router == "group" and not isinstance(moe.router, Router):
+        raise TypeError(f"router must be a moeparadigms Router, got {type(moe.router).__name__}")
     if profile.frequency_E.numel() != moe.num_experts:
         raise ValueError(f"profile has {profile.frequency_E.numel()} experts, the layer {moe.num_experts}")
     groups = group_experts(profile, target)
@@ -198,6 +238,15 @@ def merge_experts(moe: MoE, profile: RoutingProfile, target: int, *, align: bool
             for p, v in zip(router_params, merged_router[d]):
                 _write_row(p, d, v.to(p.row(d).dtype))
     drop = [e for e in range(moe.num_experts) if e not in groups]
+    if router == "group":
+        keep = torch.tensor([e in groups for e in range(moe.num_experts)])
+        new_id = {d: i for i, d in enumerate(sorted(groups))}
+        group_of = torch.empty(moe.num_experts, dtype=torch.long)
+        for d, members in groups.items():
+            group_of[members] = new_id[d]
+        remap = moe.experts.prune(keep)
+        moe.router = GroupedRouter(moe.router, group_of)
+        return remap, groups
     remap = moe.prune_experts(drop) if drop else {}
     return remap, groups
 
@@ -212,5 +261,5 @@ def prune_by_usage(moe: MoE, profile: RoutingProfile, target: int) -> tuple[Rema
     return (moe.prune_experts(drop) if drop else {}), keep
 
 
-__all__ = ["RoutingProfile", "routing_profile", "group_experts", "align_permutation", "permuted_expert",
+__all__ = ["GroupedRouter", "RoutingProfile", "routing_profile", "group_experts", "align_permutation", "permuted_expert",
            "merge_experts", "prune_by_usage"]

@@ -140,3 +140,28 @@ def test_bad_target_is_refused(target):
     moe = make_moe(E=6, top_k=2)
     with pytest.raises(ValueError, match="target"):
         merge_experts(moe, RoutingProfile(torch.full((6,), 1 / 6), torch.randn(4, 6)), target)
+
+
+def test_group_router_merge_of_equivalent_experts_keeps_the_layer_function_exactly():
+    torch.manual_seed(5)
+    moe = make_moe(E=6, top_k=2)
+    # experts 1 and 4 are permuted copies of 0 and 3: merging {0, 1, 4}... by logit similarity needs a profile
+    permute_expert_into(moe, 0, 1, torch.randperm(12))
+    permute_expert_into(moe, 3, 4, torch.randperm(12))
+    logits = torch.randn(60, 6)
+    logits[:, 1], logits[:, 4] = logits[:, 0], logits[:, 3]
+    profile = RoutingProfile(torch.tensor([0.3, 0.05, 0.2, 0.2, 0.1, 0.15]), logits)
+    x = torch.randn(50, 8)
+    ref = moe(x).y
+    grouped = copy.deepcopy(moe)
+    _, groups = merge_experts(grouped, profile, 4, router="group")
+    assert groups == {0: [0, 1], 2: [2], 3: [3, 4], 5: [5]}
+    assert grouped.num_experts == 4 and grouped.router.num_experts == 4
+    out = grouped(x)
+    assert torch.allclose(out.y, ref, atol=1e-5)  # same choices, same functions
+    assert out.stats.tokens_per_expert.sum() == 100 and torch.isfinite(out.aux_loss)
+    dominant = copy.deepcopy(moe)
+    merge_experts(dominant, profile, 4, router="dominant")
+    assert not torch.allclose(dominant(x).y, ref, atol=1e-3)  # re-routed tokens change the output
+    out.y.sum().backward()  # the kept router rows still learn
+    assert grouped.router.base.gate.block0.grad is not None
