@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-__all__ = ["FailFast", "ListPlots"]
+__all__ = ["FailFast", "FinalCheckpoint", "ListPlots", "WritePredictions"]
 
 
 def _float_tensors(obj: Any, path: str = "batch") -> Iterator[tuple[str, Tensor]]:
@@ -104,3 +104,58 @@ class ListPlots(Callback):
         # paradigms draw their plots
         if stage in ("fit", "test"):
             self._report(trainer, pl_module)
+
+
+class FinalCheckpoint(Callback):
+    """Make ``last.ckpt`` hold the final weights of every completed fit.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` when it saves on its own schedule
+    and, at the end of training, only if it never wrote one: with ``every_n_train_steps`` (the RL recipes) a
+    fit that stops between two saves leaves ``last.ckpt`` up to ``every_n_train_steps - 1`` optimizer steps
+    behind the trained model, and ``test``/``evaluate`` from it silently use the older weights. At the end of
+    a completed fit this saves ``last.ckpt`` once more for every such callback that is behind.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        for cb in trainer.checkpoint_callbacks:
+            # ModelCheckpoint has no public "save last now": its own on_train_end uses the same two members
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and not trainer.fast_dev_run \
+                    and cb._last_global_step_saved != trainer.global_step:
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+
+
+class WritePredictions(Callback):
+    """``predict``: write every batch's predictions, concatenated, to ``<log dir>/predictions.pt``
+    (``torch.save`` of a tensor, or of a dict of tensors for multi-output models) and print the path."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._outputs: list[Any] = []
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._outputs = []
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._outputs.append(outputs)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from .checkpoint import atomic_torch_save
+
+        outs = [o for o in self._outputs if o is not None]
+        if not outs:
+            return
+        if isinstance(outs[0], dict):
+            merged: Any = {k: torch.cat([o[k].detach().cpu() for o in outs]) for k in outs[0]}
+        else:
+            merged = torch.cat([o.detach().cpu() for o in outs])
+        if trainer.world_size > 1:
+            rank = f".rank{trainer.global_rank}"
+        else:
+            rank = ""
+        path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / f"predictions{rank}.pt")
+        atomic_torch_save(merged, path)
+        n = len(next(iter(merged.values()))) if isinstance(merged, dict) else len(merged)
+        print(f"Predictions ({n} samples) written to {path}")

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -81,7 +82,9 @@ class AvalancheStream(pl.LightningDataModule):
         benchmark_kwargs: keyword arguments of the factory (e.g. ``{n_experiences: 5, seed: 0}``).
         setting: ``"class-incremental"`` (no task id at test time), ``"domain-incremental"`` (same
             classes, shifting inputs, no task id) or ``"task-incremental"`` (task id given; experience
-            ``i`` must carry task label ``i``).
+            ``i`` must carry task label ``i``). Left out, it is inferred from the stream when it is built:
+            domain-incremental when every experience holds the same classes, class-incremental otherwise
+            (and the choice is printed).
         epochs_per_experience: epochs spent on each experience.
         batch_size: training batch size (evaluation uses ``eval_batch_size``).
         seed: seeds the per-epoch shuffling (a resumed run shuffles identically).
@@ -92,7 +95,7 @@ class AvalancheStream(pl.LightningDataModule):
         *,
         benchmark: Any = None,
         benchmark_kwargs: Mapping[str, Any] | None = None,
-        setting: Setting = "class-incremental",
+        setting: Setting | None = None,
         epochs_per_experience: int = 3,
         batch_size: int = 32,
         eval_batch_size: int = 1024,
@@ -100,7 +103,8 @@ class AvalancheStream(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        check_setting(setting)
+        if setting is not None:
+            check_setting(setting)
         _check_positive(epochs_per_experience=epochs_per_experience, batch_size=batch_size, eval_batch_size=eval_batch_size)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
@@ -109,7 +113,7 @@ class AvalancheStream(pl.LightningDataModule):
                              "'avalanche.benchmarks.classic.SplitMNIST'")
         self._benchmark_spec = benchmark
         self.benchmark_kwargs = dict(benchmark_kwargs or {})
-        self.setting: str = setting
+        self.setting: str | None = setting
         self.epochs_per_experience = epochs_per_experience
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
@@ -139,12 +143,27 @@ class AvalancheStream(pl.LightningDataModule):
         if self.benchmark is not None:
             return  # streams are built once: Lightning calls setup per stage
         bm = self.make_benchmark()
+        for name, stream in (("train_stream", bm.train_stream), ("test_stream", bm.test_stream)):
+            for i, e in enumerate(stream):
+                if len(e.dataset) == 0:
+                    raise ValueError(f"{type(self).__name__}: experience {i} of the benchmark's {name} is empty (0 samples); "
+                                     "every experience needs data to train on and to evaluate")
         train = [_materialise(e.dataset) for e in bm.train_stream]
         test = [_materialise(e.dataset) for e in bm.test_stream]
+        if not train:
+            raise ValueError(f"{type(self).__name__}: the benchmark's train_stream has no experiences")
         if len(train) != len(test):
             raise ValueError(f"the benchmark has {len(train)} training but {len(test)} test experiences; "
                              "the accuracy matrix needs one test experience per training experience")
         self.classes_per_experience = [_experience_classes(e, d) for e, d in zip(bm.train_stream, train, strict=True)]
+        same = len(train) > 1 and all(c == self.classes_per_experience[0] for c in self.classes_per_experience)
+        if self.setting is None:
+            self.setting = "domain-incremental" if same else "class-incremental"
+            why = "every experience holds the same classes" if same else "the experiences hold different classes"
+            rank_zero_info(f"{type(self).__name__}: setting inferred as {self.setting!r} ({why}); set `setting` to choose")
+        elif self.setting == "class-incremental" and same:
+            rank_zero_warn(f"{type(self).__name__}: setting='class-incremental' but every experience holds the same "
+                           f"classes {self.classes_per_experience[0]}: this stream is domain-incremental")
         if self.setting == "task-incremental":
             for i, d in enumerate(train + test):
                 labels = torch.unique(d.tensors[2]).tolist()
@@ -195,6 +214,10 @@ class AvalancheStream(pl.LightningDataModule):
         return [DataLoader(d, batch_size=self.eval_batch_size, num_workers=self.num_workers) for d in self.test_sets]
 
     def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """Every experience's test set, one loader each (labels included; ``predict`` ignores them)."""
         return self.val_dataloader()
 
 

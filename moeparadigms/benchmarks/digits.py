@@ -56,3 +56,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out split (labels included; ``predict`` ignores them)."""
+        return self.val_dataloader()

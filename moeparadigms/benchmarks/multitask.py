@@ -129,6 +129,9 @@ class MMoESyntheticDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=1024)
 
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
 
 # ---------------------------------------------------------------------------------------------------
 # (2) Multi-task digits: label functions of the digit
@@ -194,3 +197,6 @@ class MultiTaskDigitsDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

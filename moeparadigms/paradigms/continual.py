@@ -339,7 +339,7 @@ class ContinualMoE(pl.LightningModule):
             if tr.reload_dataloaders_every_n_epochs != 1:
                 raise ValueError(f"trainer.reload_dataloaders_every_n_epochs must be 1 to walk the stream, got "
                                  f"{tr.reload_dataloaders_every_n_epochs}")
-            if tr.max_epochs != dm.max_epochs:
+            if tr.max_epochs != dm.max_epochs and not tr.fast_dev_run:
                 raise ValueError(f"trainer.max_epochs={tr.max_epochs} but the stream needs {dm.max_epochs} "
                                  f"({dm.num_experiences} experiences x {dm.epochs_per_experience} epochs)")
         self._build(in_features=dm.in_features, num_classes=dm.num_classes, setting=dm.setting,
@@ -465,7 +465,7 @@ class ContinualMoE(pl.LightningModule):
         if self.hparams.replay_size:
             self._update_buffer(i)
         self.experiences_started.fill_(i + 1)
-        self.log("cl/num_experts", float(self.moe.num_experts))
+        self.log("cl/num_experts", float(self.moe.num_experts), sync_dist=True)
 
     def _apply_module_freezing(self, started: int) -> None:
         """Freeze old heads (and the shared input layer and norms after the first experience). Plain
@@ -525,6 +525,7 @@ class ContinualMoE(pl.LightningModule):
         i = self._current_experience()
         logits, aux, stats = self.path_logits(x, i)
         ce = F.cross_entropy(logits, y)
+        self.log("train/loss", ce + aux)
         self.log("train/ce", ce, prog_bar=True)
         self.log("train/aux_loss", aux)
         self.log("train/experience", float(i), prog_bar=True)
@@ -543,7 +544,8 @@ class ContinualMoE(pl.LightningModule):
         task = j if self.setting == "task-incremental" else None
         logp, usage = self._predict(x, task)
         preds = logp.argmax(-1)
-        self.log(f"{stage}/acc_exp{j}", (preds == y).float().mean(), add_dataloader_idx=False, batch_size=y.numel())
+        self.log(f"{stage}/acc_exp{j}", (preds == y).float().mean(), add_dataloader_idx=False, batch_size=y.numel(),
+                 sync_dist=True)
         self._usage[j] = self._usage.get(j, torch.zeros_like(usage))
         if self._usage[j].numel() < usage.numel():
             self._usage[j] = F.pad(self._usage[j], (0, usage.numel() - self._usage[j].numel()))
@@ -560,6 +562,14 @@ class ContinualMoE(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The predicted class and the predicting experience's index per sample; under task-incremental
+        evaluation the loader's experience gives the task id, as in ``test``."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        task = dataloader_idx if self.setting == "task-incremental" else None
+        logp, _ = self._predict(x, task)
+        return {"pred": logp.argmax(-1), "experience": torch.full_like(logp[:, 0], dataloader_idx, dtype=torch.long)}
+
     def on_validation_epoch_start(self) -> None:
         self._usage = {}
 
@@ -569,7 +579,7 @@ class ContinualMoE(pl.LightningModule):
         out = self.acc_matrix.compute()
         for k in ("avg_acc", "forgetting", "bwt", "fwt"):
             if k in out and not torch.isnan(out[k]):
-                self.log(f"cl/{k}", out[k].float(), prog_bar=k == "avg_acc")
+                self.log(f"cl/{k}", out[k].float(), prog_bar=k == "avg_acc", sync_dist=True)
 
     @torch.no_grad()
     def on_train_start(self) -> None:

@@ -270,6 +270,7 @@ class MetaMoE(pl.LightningModule):
             for n, p in params.items():
                 p.grad = delta.get(n)
             self.log("train/support_loss", post, prog_bar=True)
+            self.log("train/loss", post)  # Reptile's objective: the adapted support loss
         else:
             total = torch.zeros((), device=x_S.device)
             for t in range(T):
@@ -278,6 +279,7 @@ class MetaMoE(pl.LightningModule):
                 total = total + (self._loss(pred, y_Q[t]) + aux) / T
             self.manual_backward(total)
             self.log("train/query_loss", total.detach(), prog_bar=True)
+            self.log("train/loss", total.detach())
         if h.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
@@ -321,7 +323,9 @@ class MetaMoE(pl.LightningModule):
         N = c.shape[1] - 1
         for k in sorted({0, 1, N}):
             if k <= N:
-                self.log(f"{stage}/{name}_step{k}", float(mean[k]), prog_bar=k == N)
+                self.log(f"{stage}/{name}_step{k}", float(mean[k]), prog_bar=k == N, sync_dist=True)
+        if name == "mse":  # the query loss after the full adaptation: every paradigm's {stage}/loss
+            self.log(f"{stage}/loss", float(mean[N]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._summarise("val")

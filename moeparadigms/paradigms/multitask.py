@@ -735,11 +735,18 @@ class MultiTaskMoE(pl.LightningModule):
         out, pairs = self.task_losses(batch)
         for t, task in enumerate(self.tasks):
             if bool(out.present[t]):
-                self.log(f"{stage}/{task.name}/loss", out.losses[t], on_step=False, on_epoch=True)
+                self.log(f"{stage}/{task.name}/loss", out.losses[t], on_step=False, on_epoch=True, sync_dist=True)
                 self._update_metrics(stage, t, pairs[t][0].detach(), pairs[t][1])
-        self.log(f"{stage}/loss", out.loss - out.aux_loss, prog_bar=True, on_step=False, on_epoch=True)
-        self.log(f"{stage}/aux_loss", out.aux_loss, on_step=False, on_epoch=True)
+        self.log(f"{stage}/loss", out.loss - out.aux_loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/aux_loss", out.aux_loss, on_step=False, on_epoch=True, sync_dist=True)
         return out
+
+    def predict_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Every task's prediction per sample (``moeparadigms predict``): the class for classification
+        tasks, the value for regression tasks, keyed by task name."""
+        x = self._split_batch(batch)[0] if isinstance(batch, (tuple, list)) else batch
+        preds, _ = self._forward(x)
+        return {t.name: (p if t.kind == "regression" else p.argmax(-1)) for t, p in zip(self.tasks, preds, strict=True)}
 
     def _update_metrics(self, stage: str, t: int, pred: Tensor, y: Tensor) -> None:
         m = self.metrics[f"{stage}_{t}"]
@@ -754,7 +761,7 @@ class MultiTaskMoE(pl.LightningModule):
         out = self._step(batch, "train")
         if self.log_var is not None:
             for t, task in enumerate(self.tasks):
-                self.log(f"train/{task.name}/sigma", torch.exp(0.5 * self.log_var[t].detach()), on_step=False, on_epoch=True)
+                self.log(f"train/{task.name}/sigma", torch.exp(0.5 * self.log_var[t].detach()), on_step=False, on_epoch=True, sync_dist=True)
         if self.automatic_optimization:
             return out.loss
         opt = self.optimizers()

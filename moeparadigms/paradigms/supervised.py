@@ -10,9 +10,9 @@ import torchmetrics
 from torch import Tensor, nn
 
 from ..checkpoint import check_compatible, hparams_ignore
-from ..core import MoE, RoutingMetrics
+from ..core import MoE
 from ..nets import MoEMLP
-from .logging import log_routing_metrics, plot_expert_load, update_routing_metrics
+from .logging import RoutingLog, plot_expert_load
 
 
 class MoEClassifier(pl.LightningModule):
@@ -36,9 +36,8 @@ class MoEClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=hparams_ignore("moe"))
         self.net = MoEMLP(in_features=in_features, out_features=num_classes, moe=moe, depth=depth)
         self.acc = nn.ModuleDict({s: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for s in ("train_", "val", "test")})
-        self.routing = nn.ModuleDict(
-            {s: nn.ModuleList([RoutingMetrics(m.num_experts) for m in self.net.moe_layers()]) for s in ("train_", "val", "test")}
-        )
+        experts = [m.num_experts for m in self.net.moe_layers()]
+        self.routing = nn.ModuleDict({s: RoutingLog(experts) for s in ("train_", "val", "test")})
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).y
@@ -51,11 +50,16 @@ class MoEClassifier(pl.LightningModule):
         ce = F.cross_entropy(out.y, y)
         key = "train_" if stage == "train" else stage
         self.acc[key](out.y, y)
-        update_routing_metrics(self.routing[key], out.stats)
-        self.log(f"{stage}/ce", ce, prog_bar=stage != "train")
-        self.log(f"{stage}/aux_loss", out.aux_loss)
-        self.log(f"{stage}/acc", self.acc[key], prog_bar=True, on_step=False, on_epoch=True)
-        return ce + out.aux_loss
+        self.routing[key].update(out.stats)
+        loss = ce + out.aux_loss
+        bs = y.shape[0]
+        sync = stage != "train"  # epoch means over every rank's shard (training logs per-rank steps)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "train", batch_size=bs, sync_dist=sync)
+        self.log(f"{stage}/ce", ce, batch_size=bs, sync_dist=sync)
+        self.log(f"{stage}/aux_loss", out.aux_loss, batch_size=bs, sync_dist=sync)
+        self.log(f"{stage}/acc", self.acc[key], prog_bar=True, on_step=False, on_epoch=True, batch_size=bs)
+        self.routing[key].log(self, stage)
+        return loss
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -66,13 +70,16 @@ class MoEClassifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
-    def on_train_epoch_end(self) -> None:
-        log_routing_metrics(self, self.routing["train_"], "train")
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Class probabilities and the predicted class of each sample (``moeparadigms predict``)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(x).softmax(-1)
+        return {"pred": probs.argmax(-1), "probs": probs}
 
-    def on_validation_epoch_end(self) -> None:
-        shares = log_routing_metrics(self, self.routing["val"], "val")
+    def on_validation_end(self) -> None:
+        # after Lightning computed (and synchronised) the epoch's metrics: no collective of our own here
         if not self.trainer.sanity_checking:
-            self.val_expert_load = shares
+            self.val_expert_load = self.routing["val"].shares()
 
     def on_fit_end(self) -> None:
         """Write the last validation epoch's expert load (one row per MoE layer) beside the logs."""
@@ -82,9 +89,6 @@ class MoEClassifier(pl.LightningModule):
             return
         path = Path(log_dir) / "expert_load.png"
         self.plot_paths = [plot_expert_load(loads, path, title=f"validation expert load after {self.current_epoch} epochs")]
-
-    def on_test_epoch_end(self) -> None:
-        log_routing_metrics(self, self.routing["test"], "test")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_compatible(self, checkpoint, hparams=dict(self.hparams))

@@ -64,7 +64,7 @@ def test_config_pair_instantiates_and_trains_one_step(task, config, tmp_path, mo
 def test_cli_help_lists_every_command(capsys):
     main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("fit", "validate", "test", "predict", "bench", "evaluate"):
+    for cmd in ("fit", "validate", "test", "predict", "bench", "evaluate", "recipes"):
         assert f"\n  {cmd} " in out, f"{cmd} missing from moeparadigms --help"
     for b in BENCHMARKS:
         assert b in out
@@ -114,7 +114,7 @@ SUBCOMMAND_RUNS = {
 @pytest.mark.parametrize("paradigm", sorted(SUBCOMMAND_RUNS))
 def test_cli_fit_then_validate_and_test_from_checkpoint(paradigm, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    args = [*SUBCOMMAND_RUNS[paradigm], "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    args = [*SUBCOMMAND_RUNS[paradigm], f"--trainer.default_root_dir={tmp_path}"]  # defaults: progress bar on
     main(["fit", *args, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"])
     ckpt = sorted(tmp_path.rglob("last.ckpt"))[-1]
     for sub in ("validate", "test"):

@@ -13,7 +13,7 @@ from .helpers import cli, last_checkpoint, max_abs_diff, state
 TOL = 1e-10  # float64 runs: only summation order differs (float32 measured 6.6e-6)
 SUPERVISED = ["--config", "tasks/supervised/digits.yaml", "--config", "configs/supervised/moe_mlp.yaml",
               "--trainer.max_epochs=1", "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=1",
-              "--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0"]
+              "--trainer.num_sanity_val_steps=0"]  # progress bar ON: the default (it once deadlocked DDP)
 
 
 def _record(name: str, value: float) -> None:
@@ -41,7 +41,7 @@ def test_ddp_supervised_matches_single_process(tmp_path, precision, tol):
 
 CONTINUAL = ["--config", "tasks/continual/split_digits.yaml", "--config", "configs/continual/expert_growth.yaml",
              "--data.init_args.n_experiences=2", "--data.init_args.epochs_per_experience=1", "--trainer.max_epochs=2",
-             "--trainer.limit_train_batches=6", "--trainer.enable_progress_bar=false", "--trainer.precision=64-true",
+             "--trainer.limit_train_batches=6", "--trainer.precision=64-true",
              "--model.init_args.plots=false"]
 
 
