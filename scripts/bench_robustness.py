@@ -151,6 +151,38 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
+def paired(records: list[dict], a: str, b: str) -> list[dict]:
+    """Per probe and severity, the seed-paired accuracy difference ``a - b`` (mean, 95% CI): the same seed
+    shares the data split, the corruption draws and the attack budget, so pairing removes that variance."""
+    from moeparadigms.lifecycle import mean_ci95
+
+    acc = {(r["model"], r["probe"], r["severity"], r["seed"]): r["acc"] for r in records}
+    out = []
+    for probe, sev in sorted({(r["probe"], r["severity"]) for r in records}, key=lambda k: (k[0] != "clean", k[0], k[1])):
+        seeds = sorted({r["seed"] for r in records if (a, probe, sev, r["seed"]) in acc and (b, probe, sev, r["seed"]) in acc})
+        if seeds:
+            m, h = mean_ci95([acc[(a, probe, sev, s)] - acc[(b, probe, sev, s)] for s in seeds])
+            out.append({"probe": probe, "severity": sev, "diff": m, "ci95": h, "n": len(seeds)})
+    return out
+
+
+def paired_table(records: list[dict], models: list[str]) -> str:
+    pairs = [(a, b) for a, b in (("moe", "dense"), ("moe", "control")) if a in models and b in models]
+    if not pairs:
+        return ""
+    cols = {p: {(r["probe"], r["severity"]): r for r in paired(records, *p)} for p in pairs}
+    keys = list(next(iter(cols.values())))
+    lines = ["| probe | severity | " + " | ".join(f"{a} - {b} (points)" for a, b in pairs) + " |", "|" + "---|" * (len(pairs) + 2)]
+    for k in keys:
+        cells = []
+        for p in pairs:
+            r = cols[p][k]
+            sig = "*" if abs(r["diff"]) > r["ci95"] else ""
+            cells.append(f"{100 * r['diff']:+.1f} ± {100 * r['ci95']:.1f}{sig}")
+        lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], models: list[str]) -> str:
     head = "| probe | severity | " + " | ".join(models) + " |"
     lines = [head, "|" + "---|" * (len(models) + 2)]
@@ -202,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+    p.add_argument("--resummarise", default=None, metavar="JSON",
+                   help="recompute the tables and plot from the records of an earlier run's JSON (no training)")
     a = p.parse_args(argv)
     a.models = a.models.split(",")
     bad = [m for m in a.models if m not in MODELS]
@@ -216,18 +250,31 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     t0 = time.time()
     records: list[dict] = []
-    for seed in range(a.seeds):
-        records += run_seed(seed, a)
+    previous: dict = {}
+    if a.resummarise:
+        previous = json.loads(Path(a.resummarise).read_text())
+        records = previous["records"]
+        a.models = list(dict.fromkeys(r["model"] for r in records))
+    else:
+        for seed in range(a.seeds):
+            records += run_seed(seed, a)
     rows = summarise(records)
     out = Path(a.out)
     plots = Path(a.plots) if a.plots else out.with_name(out.stem + "_plots")
     md = table(rows, a.models)
-    result = {"config": {k: v for k, v in vars(a).items()}, "table": rows, "records": records, "markdown": md,
-              "plots": [plot(rows, a.models, plots / "robustness.png")], "wall_s": time.time() - t0,
-              "command": " ".join(["python", "scripts/bench_robustness.py", *(argv if argv is not None else sys.argv[1:])])}
+    md_paired = paired_table(records, a.models)
+    command = " ".join(["python", "scripts/bench_robustness.py", *(argv if argv is not None else sys.argv[1:])])
+    result = {"config": previous.get("config") or {k: v for k, v in vars(a).items()}, "table": rows,
+              "paired": {f"{x}-{y}": paired(records, x, y) for x, y in (("moe", "dense"), ("moe", "control"))
+                         if x in a.models and y in a.models},
+              "records": records, "markdown": md, "markdown_paired": md_paired,
+              "plots": [plot(rows, a.models, plots / "robustness.png")],
+              "wall_s": previous.get("wall_s", time.time() - t0), "command": previous.get("command", command)}
+    if previous:
+        result["resummarised_with"] = command
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(md)
+    print(md + "\n\n" + md_paired)
     log(f"wrote {out} ({time.time() - t0:.0f}s)")
     return result
 
