@@ -129,3 +129,18 @@ def test_upcycled_model_trains_and_its_state_dict_loads_into_a_fresh_model_of_th
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         upcycle(dense_mlp(), **kwargs)
+
+
+def test_a_built_ppo_actor_critic_with_one_expert_upcycles_exactly():
+    pytest.importorskip("gymnasium")
+    from moeparadigms.paradigms.rl import PPO
+
+    torch.manual_seed(7)
+    moe = MoE(router=TopKRouter(d_model=32, num_experts=1, top_k=1), experts=MLPExperts(d_model=32, hidden=32, num_experts=1))
+    ppo = PPO(network="moe", hidden=32, moe=moe)
+    ppo.build(4, {"kind": "discrete", "n": 2})
+    x = torch.randn(16, 4)
+    ref = ppo.actor(x)[0], ppo.critic(x)[0]
+    _, report = upcycle(ppo, num_experts=4, top_k=2, seed=0)
+    assert report.converted == ["actor.block.moe", "critic.block.moe"]
+    assert (ppo.actor(x)[0] - ref[0]).abs().max() <= 1e-6 and (ppo.critic(x)[0] - ref[1]).abs().max() <= 1e-6
