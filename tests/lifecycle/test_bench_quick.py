@@ -46,3 +46,19 @@ def test_bench_robustness_quick(tmp_path):
     # the control matches the MoE's active parameters up to the router rows (8 x 64 vs 1 x 64)
     assert abs(moe["active_params"] - ctl["active_params"]) <= 7 * 64 and ctl["active_params"] < moe["params"]
     assert Path(data["plots"][0]).is_file()
+
+
+def _strip(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+def test_bench_lifecycle_quick_is_deterministic_under_its_seeds(tmp_path):
+    a = run("bench_lifecycle.py", tmp_path / "a.json")
+    b = run("bench_lifecycle.py", tmp_path / "b.json")
+    assert _strip(a["records"]) == _strip(b["records"])
+
+
+def test_bench_robustness_quick_is_deterministic_under_its_seeds(tmp_path):
+    a = run("bench_robustness.py", tmp_path / "a.json")
+    b = run("bench_robustness.py", tmp_path / "b.json")
+    assert _strip(a["records"]) == _strip(b["records"])
