@@ -13,7 +13,8 @@ Three experiments, each over ``--seeds`` seeds, offline data only:
   merging (router-logit grouping, hidden-unit alignment, frequency-weighted averaging), with the router kept and
   its choices mapped to groups (``merge-group``, as MC-SMoE), reduced to the dominant experts' rows
   (``merge-dominant``) or to frequency-weighted mean rows (``merge-average``); ``merge-group-noalign`` skips the
-  alignment; ``prune`` is usage pruning (the baseline). The same for an 8-expert model trained from scratch for
+  alignment; ``keep-group`` keeps the groups and the grouped router but the dominant expert's weights unaveraged
+  (an ablation of the averaging); ``prune`` is usage pruning (the baseline). The same for an 8-expert model trained from scratch for
   the same steps. Calibration: 512 training samples.
 * ``aggregate`` (digits with a shortcut): a one-hot block naming the label is appended to each image, agreeing
   with the label 95% of the time in training and in the in-distribution test, never in the shifted test.
@@ -43,7 +44,8 @@ import torch.nn.functional as F
 D_MODEL, HIDDEN, E, TOP_K = 64, 128, 8, 2
 #: merge-<router>[-noalign]: MC-SMoE merging with the router kept as groups (MC-SMoE), the dominant expert's row,
 #: or the frequency-weighted mean row; noalign skips the hidden-unit permutation; prune: usage pruning
-MERGES = ("merge-group", "merge-group-noalign", "merge-dominant", "merge-average", "prune")
+#: keep-group: the groups and the grouped router, but the dominant expert's weights unaveraged (ablation)
+MERGES = ("merge-group", "merge-group-noalign", "merge-dominant", "merge-average", "keep-group", "prune")
 
 
 def log(msg: str) -> None:
@@ -202,6 +204,8 @@ def run_upcycle_and_merge(seed: int, a) -> tuple[list[dict], list[dict], dict]:
             prof = routing_profile(net, net.blocks[0].moe, [calib])
             if how == "prune":
                 prune_by_usage(net.blocks[0].moe, prof, a.target)
+            elif how == "keep-group":
+                merge_experts(net.blocks[0].moe, prof, a.target, router="group", weighting="dominant")
             else:
                 merge_experts(net.blocks[0].moe, prof, a.target, align=not how.endswith("noalign"),
                               router=how.split("-")[1])

@@ -192,7 +192,8 @@ class GroupedRouter(Router):
 
 
 def merge_experts(moe: MoE, profile: RoutingProfile, target: int, *, align: bool = True,
-                  router: Literal["dominant", "average", "group"] = "dominant") -> tuple[Remap, dict[int, list[int]]]:
+                  router: Literal["dominant", "average", "group"] = "dominant",
+                  weighting: Literal["frequency", "dominant"] = "frequency") -> tuple[Remap, dict[int, list[int]]]:
     """Merge ``moe``'s experts down to ``target`` (MC-SMoE; module docstring), in place.
 
     Args:
@@ -203,11 +204,15 @@ def merge_experts(moe: MoE, profile: RoutingProfile, target: int, *, align: bool
             ablation).
         router: ``"dominant"`` keeps the dominant expert's router row; ``"average"`` takes the frequency-weighted
             mean of the group's rows; ``"group"`` keeps every row and maps choices to groups (:class:`GroupedRouter`).
+        weighting: ``"frequency"`` averages the group's weights by routing frequency (MC-SMoE); ``"dominant"``
+            keeps the dominant expert's weights unchanged (an ablation: grouping and routing without averaging).
     Returns:
         ``(remap, groups)``: the parameter remap for ``remap_optimizer`` and the groups, by the old expert ids.
     """
     bank = _bank(moe)
     _check_target(moe, target)
+    if weighting not in ("frequency", "dominant"):
+        raise ValueError(f"weighting={weighting!r} is not supported; choose one of ['dominant', 'frequency']")
     if router not in ("dominant", "average", "group"):
         raise ValueError(f"router={router!r} is not supported; choose one of ['average', 'dominant', 'group']")
     if router == "group" and not isinstance(moe.router, Router):
@@ -222,6 +227,9 @@ def merge_experts(moe: MoE, profile: RoutingProfile, target: int, *, align: bool
     for d, members in groups.items():
         w = freq[members]
         w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(members))
+        if weighting == "dominant":  # members[0] is the dominant expert
+            w = torch.zeros_like(w)
+            w[0] = 1.0
         acc: dict[str, Tensor] = {}
         for m, wm in zip(members, w.tolist()):
             perm = align_permutation(bank, d, m) if (align and m != d) else torch.arange(bank.hidden)

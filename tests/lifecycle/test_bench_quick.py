@@ -23,7 +23,7 @@ def test_bench_lifecycle_quick(tmp_path):
     drop = next(r for r in ups if r["method"] == "upcycle-drop")
     assert copy["step0_max_abs_diff"] <= 1e-6 < drop["step0_max_abs_diff"]
     merges = [r for r in data["records"] if r["experiment"] == "merge"]
-    assert {r["method"] for r in merges} == {"merge-group", "merge-group-noalign", "merge-dominant", "merge-average", "prune"}
+    assert {r["method"] for r in merges} == {"merge-group", "merge-group-noalign", "merge-dominant", "merge-average", "keep-group", "prune"}
     assert all(r["experts_after"] == 4 and 0 <= r["acc_after"] <= 1 for r in merges)
     agg = [r for r in data["records"] if r["experiment"] == "aggregate"]
     assert {(r["model"], r["combine"]) for r in agg} == {(m, c) for m in ("prediction-moe", "moe-mlp")

@@ -165,3 +165,17 @@ def test_group_router_merge_of_equivalent_experts_keeps_the_layer_function_exact
     assert not torch.allclose(dominant(x).y, ref, atol=1e-3)  # re-routed tokens change the output
     out.y.sum().backward()  # the kept router rows still learn
     assert grouped.router.base.gate.block0.grad is not None
+
+
+def test_dominant_weighting_keeps_the_dominant_experts_weights():
+    torch.manual_seed(6)
+    moe = make_moe(E=4, bias=False)
+    w = moe.experts.w1.full().detach().clone()
+    logits = torch.randn(30, 4)
+    logits[:, 3] = logits[:, 0]
+    _, groups = merge_experts(moe, RoutingProfile(torch.tensor([0.4, 0.3, 0.2, 0.1]), logits), 3, router="group",
+                              weighting="dominant")
+    assert groups[0] == [0, 3]
+    assert torch.equal(moe.experts.w1.full(), w[[0, 1, 2]])
+    with pytest.raises(ValueError, match="weighting"):
+        merge_experts(make_moe(E=4), RoutingProfile(torch.full((4,), 0.25), logits), 3, weighting="mean")
