@@ -32,8 +32,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..core import MoE, Remap, Router, Routing
-from ..core.experts import _StackedExperts
+from ..core import GLUExperts, MLPExperts, MoE, Remap, Router, Routing
+
+Stacked = MLPExperts | GLUExperts
 
 
 @dataclass
@@ -76,8 +77,8 @@ def routing_profile(model: nn.Module, moe: MoE, batches: Iterable[Any], forward:
     return RoutingProfile((counts / counts.sum()).float(), torch.cat(logits))
 
 
-def _bank(moe: MoE) -> _StackedExperts:
-    if not isinstance(moe.experts, _StackedExperts):
+def _bank(moe: MoE) -> Stacked:
+    if not isinstance(moe.experts, (MLPExperts, GLUExperts)):
         raise ValueError(f"merging needs a stacked MLPExperts/GLUExperts bank, got {type(moe.experts).__name__}")
     return moe.experts
 
@@ -99,7 +100,7 @@ def _write_row(p: Any, e: int, value: Tensor) -> None:
     raise IndexError(e)
 
 
-def _unit_features(bank: _StackedExperts, e: int) -> Tensor:
+def _unit_features(bank: Stacked, e: int) -> Tensor:
     """Per hidden unit, the vector of weights it owns: ``W1`` column(s) (+ ``b1``) and ``W2`` row, ``(H, F)``."""
     H = bank.hidden
     w1 = bank.w1.row(e).detach()  # (D, H) or (D, 2H) for a GLU
@@ -111,7 +112,7 @@ def _unit_features(bank: _StackedExperts, e: int) -> Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def align_permutation(bank: _StackedExperts, ref: int, other: int) -> Tensor:
+def align_permutation(bank: Stacked, ref: int, other: int) -> Tensor:
     """The permutation ``perm`` (H,) of expert ``other``'s hidden units that best matches expert ``ref``'s:
     unit ``i`` of the aligned expert is unit ``perm[i]`` of ``other`` (weight matching, Hungarian algorithm)."""
     from scipy.optimize import linear_sum_assignment
@@ -123,7 +124,7 @@ def align_permutation(bank: _StackedExperts, ref: int, other: int) -> Tensor:
     return perm
 
 
-def permuted_expert(bank: _StackedExperts, e: int, perm: Tensor) -> dict[str, Tensor]:
+def permuted_expert(bank: Stacked, e: int, perm: Tensor) -> dict[str, Tensor]:
     """Expert ``e``'s weights with its hidden units reordered by ``perm`` (the same function)."""
     H = bank.hidden
     cols = torch.cat([perm, perm + H]) if bank.glu else perm

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core import FFN, GLUExperts, MLPExperts, MoE, MoEOutput, TopKRouter
-from ..core.experts import _StackedExperts
+
+Stacked = MLPExperts | GLUExperts  # the core's stacked banks: weights W1 (E, D, H or 2H), W2 (E, H, D)
 
 UpcycleInit = Literal["copy", "drop"]
 
@@ -103,8 +104,8 @@ def _check(num_experts: int, top_k: int, init: str, drop_ratio: float) -> None:
         raise ValueError(f"drop_ratio must be in [0, 1], got {drop_ratio!r}")
 
 
-def _stacked(bank_cls: type[_StackedExperts], *, w1_DH: Tensor, w2_HD: Tensor, b1_H: Tensor | None,
-             b2_D: Tensor | None, num_experts: int, activation: str, hidden: int) -> _StackedExperts:
+def _stacked(bank_cls: type[MLPExperts] | type[GLUExperts], *, w1_DH: Tensor, w2_HD: Tensor, b1_H: Tensor | None,
+             b2_D: Tensor | None, num_experts: int, activation: str, hidden: int) -> Stacked:
     """A stacked bank of ``num_experts`` copies of one expert (``w1_DH``: (D, H1), ``w2_HD``: (H, D))."""
     D = w1_DH.shape[0]
     bias = b1_H is not None or b2_D is not None
@@ -119,7 +120,7 @@ def _stacked(bank_cls: type[_StackedExperts], *, w1_DH: Tensor, w2_HD: Tensor, b
     return bank.to(w1_DH.device, w1_DH.dtype)
 
 
-def drop_reinit_(bank: _StackedExperts, drop_ratio: float, generator: torch.Generator) -> None:
+def drop_reinit_(bank: Stacked, drop_ratio: float, generator: torch.Generator) -> None:
     """Drop-upcycling's partial re-initialisation, in place: for each expert, ``round(drop_ratio * H)`` hidden
     units drawn at random (independently per expert) get their ``W1`` columns (gate and up columns for a GLU),
     ``b1`` entries and ``W2`` rows re-drawn from ``N(mean, std)`` of the whole matrix they belong to, the
@@ -152,7 +153,7 @@ def drop_reinit_(bank: _StackedExperts, drop_ratio: float, generator: torch.Gene
                 b.copy_(value[start : start + b.shape[0]])
 
 
-def _new_moe(bank: _StackedExperts, top_k: int, *, like: MoE | None, moe_kwargs: dict) -> MoE:
+def _new_moe(bank: Stacked, top_k: int, *, like: MoE | None, moe_kwargs: dict) -> MoE:
     router = TopKRouter(d_model=bank.d_model, num_experts=bank.num_experts, top_k=top_k, renormalize=True)
     router = router.to(bank.w1.block0.device, bank.w1.block0.dtype)
     if like is not None:
@@ -194,7 +195,7 @@ def _from_moe(moe: MoE) -> tuple[dict, str] | tuple[None, str]:
     bank = moe.experts
     if moe.num_experts != 1:
         return None, f"already an MoE with {moe.num_experts} experts"
-    if not isinstance(bank, _StackedExperts):
+    if not isinstance(bank, (MLPExperts, GLUExperts)):
         return None, f"expert bank {type(bank).__name__} is not a stacked MLPExperts/GLUExperts bank"
     return dict(w1_DH=bank.w1.row(0).detach(), w2_HD=bank.w2.row(0).detach(),
                 b1_H=None if bank.b1 is None else bank.b1.row(0).detach(),
