@@ -15,8 +15,9 @@ ICLR 2024), as implemented here by :func:`merge_experts`:
 4. the group's aligned weights are averaged with the routing frequencies as weights, the result replaces the
    dominant expert, and the other members are removed with :meth:`MoE.prune_experts`; the dominant expert's
    router row is kept (``router="dominant"``) or replaced by the frequency-weighted mean of the group's rows
-   (``router="average"``); or (``router="group"``, MC-SMoE's own choice) the router keeps all its rows and
-   choices, and a choice of any group member is sent to the group's merged expert (:class:`GroupedRouter`).
+   (``router="average"``); or (``router="group"``) the router keeps all its rows and choices, and a choice of
+   any group member is sent to the group's merged expert (:class:`GroupedRouter`). The last is what MC-SMoE's
+   released code does: it copies the merged weights into every member's slot and leaves the router unchanged.
 
 :func:`prune_by_usage` is the baseline: keep the ``target`` most used experts, remove the rest.
 Both return the core's parameter :data:`~moeparadigms.core.Remap` for :func:`~moeparadigms.core.remap_optimizer`.
