@@ -12,14 +12,14 @@ plus a router loss that pushes the routing distributions of different samples ap
 the batch's off-diagonal router-similarity matrix ``R R^T``, restricted to each row's ``topk_mask`` largest
 entries, divided by the norm of the off-diagonal mask: :func:`router_diversity_loss`, as in the authors'
 released code, ``src/models/bert_mos.py``). At inference the router is set aside and the experts are combined
-pessimistically: the worst case of ``sum_k pi_k p_k(y|x)`` over all mixture weights ``pi`` on the simplex,
-which is attained at a vertex,
+pessimistically, as the authors' code does (``prob_mode="argmin"``):
 
-    p_pess(y|x) = min_k p_k(y|x),      y_hat = argmax_y min_k p_k(y|x)     ("pessimistic"; the code's "argmin")
+    p_pess(y|x) = min_k p_k(y|x),      y_hat = argmax_y min_k p_k(y|x)     ("pessimistic")
 
-so a label wins only if no expert rules it out: an expert that captured a shortcut cannot carry a prediction
-the others contradict. No retraining is involved. ``"uniform"`` (the experts' mean) is the paper's other
-post-hoc baseline.
+This is the worst case of ``sum_k pi_k p_k(y|x)`` over all mixture weights ``pi`` on the simplex (a linear
+function's minimum over the simplex is at a vertex; checked in the tests), so a label wins only if no expert
+rules it out: an expert that captured a shortcut cannot carry a prediction the others contradict. No retraining
+is involved. ``"uniform"`` (the experts' mean) is the other inference mode of the authors' code.
 
 :class:`PredictionMoE` is that model built from the core (a :class:`~moeparadigms.core.TopKRouter` with
 ``top_k = num_experts``, the core's stacked :class:`~moeparadigms.core.MLPExperts` and one linear head per
