@@ -317,17 +317,20 @@ def run_lightning(argv: list[str]) -> None:
             holder["cli"] = self
             return super()._instantiate_trainer(config, callbacks)
 
-    saved_argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments come in `args` (LightningCLI warns about both)
+    # From the console script LightningCLI reads sys.argv itself (DDP's launcher re-runs sys.argv on the other
+    # ranks, so it must stay as it is); called from Python with other arguments, they come in `args`, which is
+    # what LightningCLI's "args and command line arguments" warning is about: deliberate here.
+    console = argv == sys.argv[1:]
+    if not console:
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     try:
-        Tracked(args=argv)
+        Tracked(args=None if console else argv)
     except BaseException:
         cli = holder.get("cli")
         for d in getattr(cli, "new_log_dirs", []) if cli is not None else []:
             if d.is_dir() and not any(d.rglob("*.ckpt")):
                 shutil.rmtree(d, ignore_errors=True)
         raise
-    finally:
-        sys.argv = saved_argv
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@ several label functions on scikit-learn's digits trained jointly.
 
 Both DataModules yield multi-label batches ``(x_BF, y_BT)``: every sample carries one target per task
 (``y_BT`` is float; classification targets are class indices stored as floats so one tensor holds mixed
-tasks). Each exposes ``tasks``: the :class:`~moeparadigms.paradigms.multitask.TaskSpec` list the model
+tasks). Each exposes ``tasks``: the :class:`~moeparadigms.benchmarks.specs.TaskSpec` list the model
 must be built with.
 
 Shape legend: N samples, B batch, F input features, T tasks, M sine terms.
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..paradigms.multitask import TaskSpec
 from .digits import load_digits_tensors, stratified_split
+from .specs import TaskSpec
 
 # ---------------------------------------------------------------------------------------------------
 # (1) MMoE synthetic regression (Ma et al. 2018, section 3.2)

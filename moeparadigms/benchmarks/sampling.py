@@ -1,23 +1,25 @@
 """One training-order sampler for every DataModule: resumable and data-parallel exact."""
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-
-import torch
 from torch.utils.data import DistributedSampler
+
+SEED_STRIDE = 1_000_003  # seeds s and s+1 must not give orders that are one epoch apart
 
 
 class EpochPermutation(DistributedSampler):
-    """A shuffle whose order in epoch ``e`` depends only on ``(seed, e)``, split across data-parallel ranks.
+    """torch's ``DistributedSampler`` over ``range(n)``, shuffled with the seed ``seed * 1_000_003``: the
+    order in epoch ``e`` depends only on ``(seed, e)``, split across data-parallel ranks.
 
     * Resuming: Lightning calls ``set_epoch`` with the restored epoch, so a resumed run sees the batches an
       uninterrupted one would (a DataLoader's own ``generator`` is also consumed whenever Lightning
       creates an extra iterator, so its order would drift).
     * DDP: rank ``r`` of ``R`` takes positions ``r, r+R, ...`` of the one global order (padded by
       wrapping around to a multiple of ``R``), so ``R`` ranks with batch ``b`` see exactly the global
-      batches of one process with batch ``R*b``. It is a ``DistributedSampler``, so Lightning uses it as is
+      batches of one process with batch ``R*b``. Being a ``DistributedSampler``, Lightning uses it as is
       instead of re-shuffling with its own seed.
+
+    Only the constructor is ours: it takes the world from its arguments (no process group needed) and
+    accepts an empty dataset.
 
     Args:
         n: dataset length.  seed: base seed.  num_replicas, rank: the data-parallel world (from the Trainer).
@@ -25,24 +27,13 @@ class EpochPermutation(DistributedSampler):
     """
 
     def __init__(self, n: int, seed: int, *, num_replicas: int = 1, rank: int = 0, epoch: int = 0) -> None:
-        # DistributedSampler.__init__ wants a dataset and an initialised process group; we need neither
         if n < 0 or num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"EpochPermutation: need n >= 0, num_replicas >= 1 and 0 <= rank < num_replicas; got "
                              f"n={n}, num_replicas={num_replicas}, rank={rank}")
-        self.n, self.seed, self.epoch = n, seed, epoch
-        self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, False
-        self.num_samples = math.ceil(n / num_replicas) if n else 0
-        self.total_size = self.num_samples * num_replicas
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.epoch))
-        order = torch.randperm(self.n, generator=g).tolist()
-        if self.num_replicas > 1 and order:
-            order += (order * math.ceil(self.total_size / len(order)))[: self.total_size - len(order)]
-        return iter(order[self.rank : self.total_size : self.num_replicas] if self.num_replicas > 1 else order)
-
-    def __len__(self) -> int:
-        return self.num_samples if self.num_replicas > 1 else self.n
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed * SEED_STRIDE,
+                         drop_last=False)
+        self.n = n
+        self.set_epoch(epoch)
 
     @classmethod
     def for_trainer(cls, n: int, seed: int, trainer: object | None) -> EpochPermutation:

@@ -266,7 +266,7 @@ class MetaMoE(pl.LightningModule):
                             for (n, w), g in zip(fast.items(), grads)}
                 for n in self.adapted:
                     delta[n] += (params[n].detach() - fast[n].detach()) / T
-                post += float(loss) / T
+                post += float(loss.detach()) / T
             for n, p in params.items():
                 p.grad = delta.get(n)
             self.log("train/support_loss", post, prog_bar=True)

@@ -30,7 +30,7 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -40,32 +40,10 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
+from ..benchmarks.specs import TaskSpec  # re-exported: YAMLs and user code import it from here too
 from ..checkpoint import check_compatible
 from ..core import MLPExperts, MoE, TaskConditionedRouter
 from ..nets import MoEBlock
-
-# ---------------------------------------------------------------------------------------------------
-# Tasks
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TaskSpec:
-    """One task: its name, ``kind`` and, for classification, the number of classes."""
-
-    name: str
-    kind: Literal["regression", "classification"] = "regression"
-    num_classes: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("regression", "classification"):
-            raise ValueError(f"task {self.name!r}: kind={self.kind!r} is not supported; choose 'regression' or 'classification'")
-        if self.kind == "classification" and (not isinstance(self.num_classes, int) or self.num_classes < 2):
-            raise ValueError(f"task {self.name!r}: classification needs num_classes >= 2, got {self.num_classes!r}")
-
-    @property
-    def out_features(self) -> int:
-        return 1 if self.kind == "regression" else self.num_classes
 
 
 def _positive(**fields: int) -> None:
@@ -82,6 +60,8 @@ def _positive(**fields: int) -> None:
 class NetOutput(NamedTuple):
     reps: list[Tensor]  # T tensors (B, H): each task's representation, fed to its tower
     aux_loss: Tensor  # () router losses (Task-MoE); zero for dense gating
+    # True when the net was given per-sample task ids and reps[t] holds only the rows of task t (B_t, H)
+    per_task_rows: bool = False
 
 
 class ExpertBank(nn.Module):
@@ -236,8 +216,12 @@ class SingleTaskNets(nn.Module):
 
 class TaskMoENet(nn.Module):
     """``Linear(F, D) -> [pre-norm residual MoE block] * depth -> LayerNorm``, every MoE routed by the core's
-    :class:`~moeparadigms.core.TaskConditionedRouter`. The batch runs once per task (all tasks stacked in
-    one call, one task id per sample), so each task gets its own routing of the same input."""
+    :class:`~moeparadigms.core.TaskConditionedRouter`.
+
+    ``forward(x, task_id)`` routes each sample by its own task id (one pass over the batch: the compute task
+    routing exists to save); ``forward(x)`` without ids runs the batch once per task (all tasks stacked in
+    one call), so each task gets its own routing of the same input, as when every sample carries every
+    task's label (the shape of Avalanche's ``MultiTaskModule.forward``)."""
 
     def __init__(self, *, in_features: int, num_tasks: int, depth: int, moe_factory: Callable[[], MoE]) -> None:
         super().__init__()
@@ -258,7 +242,10 @@ class TaskMoENet(nn.Module):
             stats.append(out.stats)
         return self.norm(h), aux, stats
 
-    def forward(self, x: Tensor) -> NetOutput:
+    def forward(self, x: Tensor, task_id: Tensor | None = None) -> NetOutput:
+        if task_id is not None:
+            h, aux, _ = self._run(x, task_id)
+            return NetOutput([h[task_id == t] for t in range(self.num_tasks)], aux, per_task_rows=True)
         B = x.shape[0]
         task_id = torch.arange(self.num_tasks, device=x.device).repeat_interleave(B)
         h, aux, _ = self._run(x.repeat(self.num_tasks, 1), task_id)
@@ -662,14 +649,16 @@ class MultiTaskMoE(pl.LightningModule):
         """Predictions per task: regression ``(B,)``, classification logits ``(B, C)``."""
         return self._forward(x)[0]
 
-    def _forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+    def _forward(self, x: Tensor, task_id: Tensor | None = None) -> tuple[list[Tensor], Tensor, bool]:
+        """Per-task predictions, the aux loss, and whether prediction ``t`` holds only the rows of task ``t``
+        (a net that routes by per-sample task id computes each sample for its own task only)."""
         x = x.flatten(1) if x.dim() > 2 else x
         if x.dim() != 2 or x.shape[1] != self.hparams.in_features:
             raise ValueError(f"input must have shape (B, {self.hparams.in_features}), got {tuple(x.shape)}")
-        out = self.net(x)
+        out = self.net(x, task_id) if task_id is not None and isinstance(self.net, TaskMoENet) else self.net(x)
         preds = [tower(r) for tower, r in zip(self.towers, out.reps, strict=True)]
         preds = [p.squeeze(-1) if t.kind == "regression" else p for p, t in zip(preds, self.tasks, strict=True)]
-        return preds, out.aux_loss
+        return preds, out.aux_loss, out.per_task_rows
 
     # ------------------------------------------------------------------ losses
     def _split_batch(self, batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -717,14 +706,14 @@ class MultiTaskMoE(pl.LightningModule):
         x, y, task_id = self._split_batch(batch)
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"batch contains NaN/inf inputs (global step {self.global_step})")
-        preds, aux = self._forward(x)
+        preds, aux, per_task_rows = self._forward(x, task_id)
         losses, present, pairs = [], [], []
         for t, pred in enumerate(preds):
             if task_id is None:
                 p_t, y_t = pred, y[:, t]
             else:
                 mask = task_id == t
-                p_t, y_t = pred[mask], y[mask]
+                p_t, y_t = (pred if per_task_rows else pred[mask]), y[mask]
             present.append(p_t.shape[0] > 0)
             losses.append(self._task_loss(t, p_t, y_t) if p_t.shape[0] else pred.new_zeros(()))
             pairs.append((p_t, y_t))
@@ -745,7 +734,7 @@ class MultiTaskMoE(pl.LightningModule):
         """Every task's prediction per sample (``moeparadigms predict``): the class for classification
         tasks, the value for regression tasks, keyed by task name."""
         x = self._split_batch(batch)[0] if isinstance(batch, (tuple, list)) else batch
-        preds, _ = self._forward(x)
+        preds = self._forward(x)[0]
         return {t.name: (p if t.kind == "regression" else p.argmax(-1)) for t, p in zip(self.tasks, preds, strict=True)}
 
     def _update_metrics(self, stage: str, t: int, pred: Tensor, y: Tensor) -> None:

@@ -44,3 +44,23 @@ def test_determinism_different_seeds_differ(tmp_path):
     for run, seed in (("a", 0), ("b", 1)):
         cli("fit", *PARADIGMS["supervised"], *QUICK, f"--seed_everything={seed}", f"--trainer.default_root_dir={tmp_path / run}")
     assert _metrics(tmp_path / "a") != _metrics(tmp_path / "b")
+
+
+@pytest.mark.parametrize("n,world", [(0, 1), (7, 1), (7, 2), (100, 3), (1437, 2)])
+def test_epoch_permutation_is_the_seeded_split_order(n, world):
+    """The training order depends only on (seed, epoch); rank r of R takes positions r, r+R, ... of one global
+    order wrapped to a multiple of R (a plain reference of what resume and DDP parity rely on)."""
+    import math
+
+    import torch
+
+    from moeparadigms.benchmarks.sampling import EpochPermutation
+
+    for seed, epoch in ((0, 0), (3, 5)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        total = math.ceil(n / world) * world
+        order = (order * (total // max(n, 1) + 1))[:total] if n else []
+        for rank in range(world):
+            got = list(EpochPermutation(n, seed, num_replicas=world, rank=rank, epoch=epoch))
+            assert got == order[rank:total:world]
