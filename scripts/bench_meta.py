@@ -18,6 +18,13 @@ Adaptation curves (mean over seeds, 95% CI band over tasks) are written as PNG u
 
     python scripts/bench_meta.py --out benchmarks/results/meta.json --plots benchmarks/results/meta_plots
     python scripts/bench_meta.py --quick --out /tmp/meta.json             # seconds-long smoke run
+
+``--timing`` measures the cost instead (issue 15): wall time per meta-iteration (the whole training step:
+inner adaptation, outer loss, backward, Adam) of ``moe-maml`` and ``dense-maml`` at matched parameter
+counts, in one process, the methods alternating in rounds; records ``{"benchmark", "method", "K", "params",
+"us_per_iter", "us_per_iter_rounds", "ratio_to_dense"}`` (medians over iterations after a warm-up):
+
+    python scripts/bench_meta.py --timing --out benchmarks/results/meta_timing.json
 """
 from __future__ import annotations
 
@@ -93,6 +100,64 @@ def run_one(job: dict) -> dict:
             "curve_ci95": r["ci95"], "n_tasks": r["tasks"], "metric": "mse" if dm.kind == "regression" else "accuracy"}
 
 
+class _IterTimer:
+    """Lightning callback: wall time of every training batch (one meta-iteration), in microseconds."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append((time.perf_counter() - self._t0) * 1e6)
+
+
+def timing(args) -> list[dict]:
+    import statistics as st
+
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning import Callback
+
+    from moeparadigms.benchmarks import meta as M
+
+    torch.set_num_threads(1)
+    timer_cls = type("IterTimer", (_IterTimer, Callback), {})
+    iters, warm, rounds = (6, 2, 1) if args.quick else (args.timing_iters, 10, args.timing_rounds)
+    records = []
+    for b in args.benchmarks:
+        K = args.shots[0]
+        per_method: dict[str, list[float]] = {m: [] for m in METHODS}
+        medians: dict[str, list[float]] = {m: [] for m in METHODS}
+        params = {}
+        for _ in range(rounds):
+            for m in METHODS:
+                pl.seed_everything(0, verbose=False)
+                dm = getattr(M, BENCHMARKS[b])(shots=K, query=10, meta_batch_size=args.meta_batch, meta_iterations=iters,
+                                               num_test_tasks=4, eval_batch_size=4, seed=0)
+                inner_lr = INNER_LR[b]
+                target = _count(_model("moe-maml", dm, None, inner_lr))
+                width = None if m.startswith("moe-") else _matched_width(m, dm, inner_lr, target)
+                model = _model(m, dm, width, inner_lr)
+                params[m] = _count(model)
+                timer = timer_cls()
+                pl.Trainer(max_epochs=1, accelerator="cpu", inference_mode=False, logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                           callbacks=[timer]).fit(model, dm)
+                per_method[m] += timer.times[warm:]
+                medians[m].append(st.median(timer.times[warm:]))
+        dense = st.median(per_method["dense-maml"])
+        for m in METHODS:
+            us = st.median(per_method[m])
+            records.append({"benchmark": b, "method": m, "K": K, "meta_batch": args.meta_batch, "params": params[m],
+                            "us_per_iter": us, "us_per_iter_rounds": medians[m], "ratio_to_dense": us / dense})
+            print(f"{b:15s} K={K} {m:11s} params {params[m]:6,d}: {us:9.0f} us per meta-iteration ({us / dense:.2f}x dense)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(records, indent=1))
+    return records
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -106,7 +171,13 @@ def main() -> None:
     ap.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS])
     ap.add_argument("--shots", nargs="+", type=int, default=[5, 10])
+    ap.add_argument("--timing", action="store_true", help="wall per meta-iteration, MoE vs dense MAML (issue 15)")
+    ap.add_argument("--timing-iters", type=int, default=60, help="meta-iterations per timed fit")
+    ap.add_argument("--timing-rounds", type=int, default=3, help="fits per method, alternating")
     args = ap.parse_args()
+    if args.timing:
+        timing(args)
+        return
     shots, seeds, iters, tasks = ([5], 1, 3, 20) if args.quick else (args.shots, args.seeds, args.iters, args.tasks)
     jobs = [dict(benchmark=b, K=K, seed=s, method=m, iters=iters, meta_batch=args.meta_batch, tasks=tasks, query=10)
             for s in range(seeds) for b in args.benchmarks for K in shots for m in args.methods]

@@ -223,6 +223,19 @@ def test_bench_meta_quick_smoke(tmp_path):
     assert (tmp_path / "plots" / "sinusoid_K5.png").exists()
 
 
+def test_bench_meta_timing_quick_smoke(tmp_path):
+    """``--timing``: wall per meta-iteration of MoE and dense MAML at matched sizes, side by side."""
+    import json
+
+    out = tmp_path / "timing.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts/bench_meta.py"), "--timing", "--quick", "--benchmarks", "sinusoid",
+                    "--out", str(out)], check=True, cwd=ROOT, timeout=300, capture_output=True)
+    recs = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(recs) == {"dense-maml", "moe-maml"}
+    assert recs["dense-maml"]["ratio_to_dense"] == 1.0 and recs["moe-maml"]["us_per_iter"] > 0
+    assert abs(recs["moe-maml"]["params"] - recs["dense-maml"]["params"]) / recs["moe-maml"]["params"] < 0.05
+
+
 def test_functional_call_reaches_the_substituted_expert_weights():
     """Expert weights are ExpertParam row blocks: the substituted ones, not the module's, must be used."""
     m = _model(True)
