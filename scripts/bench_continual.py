@@ -14,6 +14,7 @@ the accuracy matrix, from which avg_acc / forgetting / BWT follow Avalanche's de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -55,6 +56,18 @@ def avalanche_model(dm, hidden: int):
                          nn.Linear(hidden, dm.num_classes))
 
 
+@contextlib.contextmanager
+def quiet_avalanche_deprecations():
+    """Avalanche 0.6's own plugins call its deprecated APIs (``storage_policy.update``) on every experience,
+    and its ``deprecated`` decorator forces the warning past any filter: record the warnings of the call and
+    show only the ones that are not Avalanche's deprecation notices about itself."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for w in caught:
+        if not (issubclass(w.category, DeprecationWarning) and "avalanche" in str(w.filename)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def run_avalanche(method: str, dm, seed: int, epochs: int, hidden: int, lr: float):
     from avalanche.training import DER, EWC, JointTraining, LwF, Naive, Replay
     from avalanche.training.plugins import EvaluationPlugin
@@ -84,7 +97,8 @@ def run_avalanche(method: str, dm, seed: int, epochs: int, hidden: int, lr: floa
     stream = dm.benchmark.train_stream
     t0 = time.perf_counter()
     if method == "joint":
-        strategy.train(stream)
+        with quiet_avalanche_deprecations():
+            strategy.train(stream)
         train_s = time.perf_counter() - t0
         evaluate(model, dm, matrix, row=dm.num_experiences)  # one evaluation after training on everything
     else:
@@ -92,7 +106,8 @@ def run_avalanche(method: str, dm, seed: int, epochs: int, hidden: int, lr: floa
         train_s = 0.0
         for i, exp in enumerate(stream):
             t0 = time.perf_counter()
-            strategy.train(exp)
+            with quiet_avalanche_deprecations():
+                strategy.train(exp)
             train_s += time.perf_counter() - t0
             evaluate(model, dm, matrix, row=i + 1)
     return matrix, sum(p.numel() for p in model.parameters()), train_s
@@ -213,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     import logging
 
+    import pytorch_lightning  # noqa: F401 - imported first: importing it sets its logger's level to INFO
+
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     methods, suites, seeds, epochs = list(METHODS), list(SUITES), args.seeds, args.epochs
