@@ -3,7 +3,7 @@ every sample once per task and masking (what ``TaskMoENet.forward`` did before),
 
 Both methods use the same ``MultiTaskMoE`` (the ``configs/multitask/task_moe.yaml`` sizes, T tasks), the same
 batches and the same optimizer kind; each step is forward, the fixed-weight task losses plus the aux loss,
-backward and an Adam step. The methods alternate within every repeat (the machine is noisy); the JSON holds
+backward and an optimizer step. The methods alternate within every repeat (the machine is noisy); the JSON holds
 the median microseconds per step of each and their ratio.
 
     python scripts/bench_task_routing.py --out benchmarks/results/task_routing.json
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="seconds: few steps, one batch size")
     ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--depth", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs = {}
         for name, loss_fn in (("all-tasks-masked", masked_loss), ("per-sample", per_sample_loss)):
             model = build(args.tasks, F_IN, args.depth, seed=0)
-            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            opt = model.configure_optimizers()  # the module's own optimizer (AdamW)
 
             def step(loss_fn=loss_fn, model=model, opt=opt, data=data) -> None:
                 for x, t, y in data:

@@ -94,4 +94,6 @@ class MoEClassifier(pl.LightningModule):
         check_compatible(self, checkpoint, hparams=dict(self.hparams))
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # fused: one kernel for every parameter instead of a Python loop over them (torch's CPU default is the
+        # loop, ~3 ms a step for these small networks, more than their forward)
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True)
