@@ -108,6 +108,8 @@ def _newest_last_checkpoint(root: Path) -> Path | None:
 
 def _make_cli_class():
     """Build the LightningCLI subclass (here, so that importing this module stays light)."""
+    import warnings
+
     from jsonargparse import set_parsing_settings
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
     from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer
@@ -204,13 +206,15 @@ def _make_cli_class():
             if sub == "predict" and not any(isinstance(c, WritePredictions) for c in given):
                 extra.append(WritePredictions())
                 added.append({"class_path": f"{WritePredictions.__module__}.WritePredictions"})
-            if sub in ("validate", "test", "predict") and config.get("enable_checkpointing") is None and \
-                    not any(isinstance(c, ModelCheckpoint) for c in given):
-                # nothing is saved outside fit; a ModelCheckpoint here would only warn that the checkpoint's own
-                # checkpoint directory differs from this run's
-                config["enable_checkpointing"] = False
-                if recorded is not None:
-                    recorded["enable_checkpointing"] = False
+            if sub in ("validate", "test", "predict"):
+                # nothing is saved outside fit: no default ModelCheckpoint. One the config declares (the RL recipes)
+                # stays (Lightning warns when a checkpoint's callback state finds no callback), but its notice
+                # that the checkpoint's directory differs from this run's means nothing here
+                warnings.filterwarnings("ignore", message="The dirpath has changed from")
+                if not any(isinstance(c, ModelCheckpoint) for c in given) and config.get("enable_checkpointing") is None:
+                    config["enable_checkpointing"] = False
+                    if recorded is not None:
+                        recorded["enable_checkpointing"] = False
             if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
                 extra.append(ModelCheckpoint(save_last=True))
                 added.append(class_config(extra[-1], save_last=True))

@@ -26,6 +26,8 @@ Shape legend: S rollout steps, N environments, B minibatch, O observation featur
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import math
 import numbers
 import warnings
@@ -52,6 +54,54 @@ NETWORKS = ("dense", "moe", "soft_moe")
 
 
 # ---------------------------------------------------------------------------------------------- envs
+def check_env_id(env_id: str) -> None:
+    """A clear error for an id Gymnasium cannot make: not registered, or from a package that is not installed."""
+    if not isinstance(env_id, str) or not env_id:
+        raise ValueError(f"env_id must be a Gymnasium id such as 'CartPole-v1', got {env_id!r}")
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"env_id={env_id!r}: the package {module!r} that registers it cannot be imported ({e}); "
+                             f"install it (e.g. pip install {module.split('.')[0]})") from None
+    try:
+        gym.spec(name)
+    except gym.error.Error as e:
+        hint = ("" if module else "; an environment from another package is named 'package:EnvId' "
+                "(e.g. 'minigrid:MiniGrid-Empty-5x5-v0') so that Gymnasium imports the package first")
+        raise ValueError(f"env_id={env_id!r} is not a registered Gymnasium environment: {e}{hint}") from None
+
+
+def wrapper_factory(spec: Any, index: int = 0) -> Any:
+    """``{class_path, init_args}`` (YAML) -> a callable ``env -> wrapped env``; the class is imported here, so a
+    typo or a missing package is reported when the config is read, not at the end of training."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise ValueError(f"wrappers[{index}] must be {{class_path: 'package.module.Wrapper', init_args: {{...}}}}, "
+                         f"got {spec!r}")
+    unknown = set(spec) - {"class_path", "init_args"}
+    if unknown:
+        raise ValueError(f"wrappers[{index}] has unknown keys {sorted(unknown)}; allowed: class_path, init_args")
+    module, _, name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"wrappers[{index}].class_path={spec['class_path']!r} cannot be imported: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, gym.Wrapper)):
+        raise ValueError(f"wrappers[{index}].class_path={spec['class_path']!r} is not a gymnasium.Wrapper subclass")
+    kwargs = dict(spec.get("init_args") or {})
+    return functools.partial(cls, **kwargs)
+
+
+def make_env(env_id: str, env_kwargs: dict | None = None, wrappers: list[dict] | None = None, **kwargs: Any) -> gym.Env:
+    """``gym.make(env_id, **env_kwargs, **kwargs)`` with the YAML ``wrappers`` applied in order."""
+    check_env_id(env_id)
+    env = gym.make(env_id, **{**(env_kwargs or {}), **kwargs})
+    for i, w in enumerate(wrappers or []):
+        env = wrapper_factory(w, i)(env)
+    return env
+
+
 class _Updates(Dataset):
     """One item per PPO update: the rollout is collected inside ``training_step``."""
 
@@ -69,22 +119,27 @@ class GymEnvs(pl.LightningDataModule):
     """A Gymnasium vector environment as the "data" of an RL run.
 
     Args:
-        env_id: any registered Gymnasium id (``gymnasium.make_vec``).
+        env_id: any registered Gymnasium id (``gymnasium.make_vec``), or Gymnasium's ``module:EnvId`` form for an
+            environment an installed package registers on import (``minigrid:MiniGrid-Empty-5x5-v0``).
         num_envs: parallel environments.
         vectorization_mode: ``sync`` (one process; exact resume for classic control) or ``async``.
         env_kwargs: keyword arguments for ``gymnasium.make``.
+        wrappers: wrappers applied in order to every environment, the training envs and the evaluation envs
+            alike (``validate``/``test`` episodes, ``moeparadigms evaluate``), each ``{class_path: ...,
+            init_args: {...}}``: e.g. ``minigrid.wrappers.ImgObsWrapper`` then
+            ``gymnasium.wrappers.FlattenObservation`` to turn MiniGrid's dict/image observations into the
+            1-D vector PPO takes.
         total_steps: the budget in environment steps (transitions; autoreset steps not counted): the run
             stops after the update that reaches it, and the learning rate anneals over it.
         seed: seeds the first ``reset``.
     """
 
     def __init__(self, *, env_id: str = "CartPole-v1", num_envs: int = 8, vectorization_mode: Literal["sync", "async"] = "sync",
-                 env_kwargs: dict | None = None, total_steps: int = 100_000, seed: int = 0) -> None:
+                 env_kwargs: dict | None = None, wrappers: list[dict] | None = None, total_steps: int = 100_000,
+                 seed: int = 0) -> None:
         super().__init__()
-        try:
-            gym.spec(env_id)
-        except gym.error.Error as e:
-            raise ValueError(f"env_id={env_id!r} is not a registered Gymnasium environment: {e}") from None
+        check_env_id(env_id)
+        self.wrapper_fns = [wrapper_factory(w, i) for i, w in enumerate(wrappers or [])]
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
         if vectorization_mode not in ("sync", "async"):
@@ -98,8 +153,13 @@ class GymEnvs(pl.LightningDataModule):
 
     def make(self) -> gym.vector.VectorEnv:
         envs = gym.make_vec(self.env_id, num_envs=self.num_envs, vectorization_mode=self.mode,
-                            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}, **self.env_kwargs)
+                            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP},
+                            wrappers=self.wrapper_fns or None, **self.env_kwargs)
         return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
+
+    def make_single(self, **kwargs: Any) -> gym.Env:
+        """One environment as the training envs see it (same kwargs and wrappers): for evaluation episodes."""
+        return make_env(self.env_id, self.env_kwargs, self.hparams.get("wrappers"), **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         if self.envs is None:
@@ -410,8 +470,9 @@ class PPO(pl.LightningModule):
         dm.setup(stage)
         obs_space = dm.envs.single_observation_space
         if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-            raise ValueError(f"env_id={dm.env_id!r}: observation space {obs_space} is not a 1-D Box; wrap it "
-                             "(e.g. FlattenObservation) in env_kwargs or a registered env")
+            raise ValueError(f"env_id={dm.env_id!r}: observation space {type(obs_space).__name__}{getattr(obs_space, 'shape', '')} "
+                             "is not a 1-D Box; add observation wrappers under data.init_args.wrappers, e.g. "
+                             "[{class_path: minigrid.wrappers.ImgObsWrapper}, {class_path: gymnasium.wrappers.FlattenObservation}]")
         num_tasks = dm.envs.metadata.get("num_tasks", 1)
         if not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"env_id={dm.env_id!r}: metadata['num_tasks'] must be an integer >= 1, got {num_tasks!r}")
@@ -623,7 +684,7 @@ class PPO(pl.LightningModule):
     # ------------------------------------------------------------------ validation / test: greedy episodes
     def _play(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        env = gym.make(dm.env_id, **dm.env_kwargs)
+        env = dm.make_single()
         returns, successes = [], []
         for ep in range(self.hparams.eval_episodes):
             obs, _ = env.reset(seed=dm.seed + 1_000_003 + ep)

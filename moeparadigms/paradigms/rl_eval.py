@@ -19,7 +19,7 @@ from ..checkpoint import safe_load
 def evaluate(ckpt: str | Path, episodes: int = 10, *, env_id: str | None = None, video_dir: str | Path | None = None,
              seed: int = 0, deterministic: bool = True) -> list[float]:
     """Returns of ``episodes`` episodes of the greedy (or sampled) policy in ``ckpt``."""
-    from .rl import PPO
+    from .rl import PPO, make_env
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes!r}")
@@ -27,13 +27,14 @@ def evaluate(ckpt: str | Path, episodes: int = 10, *, env_id: str | None = None,
     env_id = env_id or (c.get("datamodule_hyper_parameters") or {}).get("env_id")
     if env_id is None:
         raise ValueError(f"checkpoint {str(ckpt)!r} names no env_id (not written with GymEnvs): pass --env")
-    env_kwargs = dict((c.get("datamodule_hyper_parameters") or {}).get("env_kwargs") or {})
+    dm_hp = c.get("datamodule_hyper_parameters") or {}
+    env_kwargs = dict(dm_hp.get("env_kwargs") or {})
     model = PPO.load_from_checkpoint(ckpt, weights_only=True, map_location="cpu")
     model.eval()
-    try:
-        env = gym.make(env_id, render_mode="rgb_array" if video_dir else None, **env_kwargs)
+    try:  # the training envs' kwargs and wrappers, so the policy sees the observations it was trained on
+        env = make_env(env_id, env_kwargs, dm_hp.get("wrappers"), render_mode="rgb_array" if video_dir else None)
     except gym.error.Error as e:
-        raise ValueError(f"--env {env_id!r} is not a registered Gymnasium environment: {e}") from None
+        raise ValueError(f"--env {env_id!r} cannot be made: {e}") from None
     if video_dir:
         try:
             import moviepy  # noqa: F401
