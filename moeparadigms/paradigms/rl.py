@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..benchmarks import metaworld as _metaworld  # noqa: F401  (registers MetaWorldMT10; imports metaworld only when built)
 from ..benchmarks import rl_envs  # noqa: F401  (registers the project's environments)
-from ..checkpoint import check_compatible, hparams_ignore
+from ..checkpoint import check_compatible, hparams_ignore, store_module_configs
 from ..core import MoE, SoftMoERouter, TaskConditionedRouter
 from ..core.experts import _reset
 from ..nets import MoEBlock
@@ -418,6 +418,7 @@ class PPO(pl.LightningModule):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         self.save_hyperparameters(ignore=hparams_ignore("moe"))
+        store_module_configs(self, moe=moe)  # a Python-built policy reloads from its checkpoint alone
         self.moe = moe
         self.automatic_optimization = False
         self.built = False
@@ -601,7 +602,7 @@ class PPO(pl.LightningModule):
         b_logp, b_adv, b_ret, b_val = (r[k].flatten()[keep] for k in ("logp", "advantages", "returns", "values"))
         b_task = r["tasks"].flatten()[keep] if self.num_tasks > 1 or self.actor.task_routed else None
         n = b_obs.shape[0]
-        stats = {"pg": 0.0, "v": 0.0, "ent": 0.0, "aux": 0.0, "clipfrac": 0.0}
+        stats = {"loss": 0.0, "pg": 0.0, "v": 0.0, "ent": 0.0, "aux": 0.0, "clipfrac": 0.0}
         count = 0
         for _ in range(h.update_epochs):
             perm = torch.randperm(n)
@@ -631,6 +632,7 @@ class PPO(pl.LightningModule):
                     self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 with torch.no_grad():
+                    stats["loss"] += float(loss)
                     stats["pg"] += float(pg)
                     stats["v"] += float(v_loss)
                     stats["ent"] += float(ent.mean())
@@ -644,7 +646,13 @@ class PPO(pl.LightningModule):
             logs["train/episode_return"] = float(np.mean(self.recent_returns))
         if self.recent_success:
             logs["train/success_rate"] = float(np.mean(self.recent_success))
+        if self.num_tasks > 1:  # per-task curves: the mean of each task's last 20 episodes
+            for t in range(self.num_tasks):
+                rets = [r for _, r, task in self.history[-20 * self.num_tasks * 4:] if task == t][-20:]
+                if rets:
+                    logs[f"train/episode_return/task_{t}"] = float(np.mean(rets))
         self.log_dict(logs, prog_bar=False)
+        self._log_against_env_steps(logs)
         if self.recent_returns:
             self.log("return", logs["train/episode_return"], prog_bar=True)
         if self.actor.block is not None:
@@ -652,6 +660,15 @@ class PPO(pl.LightningModule):
                 m = min(n, 1024)
                 load = self.actor(b_obs[:m], None if b_task is None else b_task[:m])[2].tokens_per_expert.double()
             self.log("train/actor_max_load", float(load.max() / load.mean().clamp_min(1e-9)))
+
+    def _log_against_env_steps(self, logs: dict[str, float]) -> None:
+        """The learning curves again with environment steps as the x axis (``env_steps/...`` in TensorBoard and
+        in the CSV's ``step`` column), the axis RL results are compared on; ``train/...`` is per update."""
+        curves = {k.replace("train/", "env_steps/", 1): v for k, v in logs.items()
+                  if k.startswith(("train/episode_return", "train/success_rate"))}
+        if curves and self.trainer is not None and self.trainer.is_global_zero and not self.trainer.fast_dev_run:
+            for lg in self.loggers:
+                lg.log_metrics(curves, step=int(self.env_steps))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # fused: one kernel for all parameters; on CPU 2.3x faster per step than the per-tensor loop for a 64-64 MLP

@@ -67,3 +67,20 @@ def test_bad_input_dict_observations_without_wrappers_one_line(tmp_path):
     assert "Traceback" not in p.stderr
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("moeparadigms: error:")]
     assert len(err) == 1 and "not a 1-D Box" in err[0] and "data.init_args.wrappers" in err[0], p.stderr[-2000:]
+
+
+def test_rl_metric_names_loss_env_step_curves_and_per_task_curves(tmp_path, monkeypatch):
+    """``train/loss`` as in every paradigm; episode returns also against environment steps; per-task curves."""
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "tasks/rl/cartpole_mt.yaml"), "--config", str(ROOT / "configs/rl/ppo_moe_task.yaml"),
+          "--data.init_args.total_steps=1024", "--data.init_args.num_envs=4", "--model.init_args.num_steps=64",
+          "--model.init_args.update_epochs=1", "--model.init_args.eval_episodes=1", "--trainer.log_every_n_steps=1"])
+    rows = list(csv.DictReader(open(sorted(tmp_path.rglob("metrics.csv"))[-1])))
+    cols = set(rows[0])
+    assert {"train/loss", "train/episode_return", "env_steps/episode_return"} <= cols, sorted(cols)
+    assert any(c.startswith("train/episode_return/task_") for c in cols), sorted(cols)
+    env_rows = [r for r in rows if r.get("env_steps/episode_return")]
+    steps = [int(r["step"]) for r in env_rows]
+    assert steps == sorted(steps) and steps[-1] >= 512, "the env-step curve's x axis is environment steps"
