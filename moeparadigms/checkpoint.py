@@ -23,7 +23,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "safe_load", "check_compatible", "hparams_ignore"]
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "safe_load", "check_compatible", "hparams_ignore",
+           "store_module_configs"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -138,3 +139,30 @@ def hparams_ignore(*module_args: str) -> list[str]:
     from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 
     return [] if _given_hyperparameters.get() is not None else list(module_args)
+
+
+def store_module_configs(module: Any, **components: Any) -> None:
+    """After ``save_hyperparameters(ignore=hparams_ignore(...))``: keep the ignored sub-module arguments of a
+    module built in Python as their plain ``{class_path, init_args}`` (recorded by their constructors), plus
+    Lightning's trusted ``instantiate_module``, so ``Module.load_from_checkpoint(path)`` rebuilds the whole
+    model from the file alone, as for a model built by the CLI. A component built from something that is not
+    plain data (e.g. ``ModuleExperts`` of arbitrary modules) cannot be stored; the module warns once and the
+    checkpoint then needs that argument again at load time."""
+    import warnings
+
+    from ._config import plain_config
+
+    missing = []
+    for name, obj in components.items():
+        if name in module.hparams or obj is None:
+            continue
+        cfg = plain_config(obj)
+        if cfg is None:
+            missing.append(name)
+            continue
+        module.hparams[name] = cfg
+        module.hparams["_instantiator"] = "pytorch_lightning.cli.instantiate_module"
+    if missing:
+        warnings.warn(f"{type(module).__name__}: {', '.join(missing)} was not built from plain values, so the checkpoint "
+                      f"cannot rebuild it: pass {', '.join(f'{m}=...' for m in missing)} to load_from_checkpoint",
+                      UserWarning, stacklevel=3)

@@ -22,3 +22,12 @@ __all__ = [
     "HashRouter", "Router", "Routing", "SoftMoERouter", "SoftRouting", "SwitchRouter", "TaskConditionedRouter",
     "TopKRouter",
 ]
+
+# Every component remembers the plain {class_path, init_args} it was built from, so a paradigm built in Python
+# can store it in its checkpoint and `load_from_checkpoint(path)` rebuilds the model (moeparadigms._config).
+from .._config import record_init as _record_init  # noqa: E402
+
+for _cls in (MoE, FFN, MLPExperts, GLUExperts, ModuleExperts, BiasBalancedRouter, ExpertChoiceRouter, HashRouter,
+             SoftMoERouter, SwitchRouter, TaskConditionedRouter, TopKRouter):
+    _record_init(_cls)
+del _cls, _record_init

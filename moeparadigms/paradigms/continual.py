@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import check_compatible, hparams_ignore
+from .._config import record_init
+from ..checkpoint import check_compatible, hparams_ignore, store_module_configs
 from ..core import MoE, TopKRouter, remap_optimizer
 from ..core.experts import Init
 from ..core.params import Remap, merge_remaps
@@ -193,6 +194,7 @@ def _check_growth_args(experts: int, init: str) -> None:
         raise ValueError(f"init={init!r} is not supported; choose one of ['copy', 'fresh', 'mean']")
 
 
+@record_init
 class ExpertPerExperience(GrowthPolicy):
     """Add ``experts`` experts for every new experience (the first experience takes the MoE's initial
     experts) and freeze the old ones. ``init``: new experts start ``"fresh"``, as a ``"copy"`` of the
@@ -206,6 +208,7 @@ class ExpertPerExperience(GrowthPolicy):
         return Decision(grow=self.experts if experience > 0 else 0)
 
 
+@record_init
 class GrowOnDemand(GrowthPolicy):
     """Grow only when the existing experts do not already solve the new experience (Expert Gate's
     relatedness test, with the model's own paths as the gate).
@@ -254,6 +257,7 @@ class GrowOnDemand(GrowthPolicy):
         return Decision(grow=self.experts)
 
 
+@record_init
 class FixedExperts(GrowthPolicy):
     """The fixed-size baseline: no growth, no freezing; every experience routes over all experts."""
 
@@ -320,6 +324,7 @@ class ContinualMoE(pl.LightningModule):
         if not 0 < shrinkage <= 1:
             raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage!r}")
         self.save_hyperparameters(ignore=hparams_ignore("moe", "growth"))
+        store_module_configs(self, moe=moe, growth=growth)
         self.moe, self.growth = moe, growth
         self.built = False
         self._usage: dict[int, Tensor] = {}

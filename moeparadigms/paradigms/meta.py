@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checkpoint import check_compatible, hparams_ignore
+from ..checkpoint import check_compatible, hparams_ignore, store_module_configs
 from ..core import MoE
 from ..nets import MoEBlock
 
@@ -165,6 +165,7 @@ class MetaMoE(pl.LightningModule):
         if task_kind not in (None, "regression", "classification"):
             raise ValueError(f"task_kind must be 'regression', 'classification' or null, got {task_kind!r}")
         self.save_hyperparameters(ignore=hparams_ignore("moe"))
+        store_module_configs(self, moe=moe)
         self.hparams["adapt"] = adapt
         self.moe = moe
         self.automatic_optimization = False

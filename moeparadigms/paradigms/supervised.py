@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from ..checkpoint import check_compatible, hparams_ignore
+from ..checkpoint import check_compatible, hparams_ignore, store_module_configs
 from ..core import MoE
 from ..nets import MoEMLP
 from .logging import RoutingLog, plot_expert_load
@@ -34,6 +34,7 @@ class MoEClassifier(pl.LightningModule):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.save_hyperparameters(ignore=hparams_ignore("moe"))
+        store_module_configs(self, moe=moe)
         self.net = MoEMLP(in_features=in_features, out_features=num_classes, moe=moe, depth=depth)
         self.acc = nn.ModuleDict({s: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for s in ("train_", "val", "test")})
         experts = [m.num_experts for m in self.net.moe_layers()]

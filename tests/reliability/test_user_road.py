@@ -234,3 +234,38 @@ def test_bad_input_config_one_line(case, tmp_path):
         p, needles = run_cli("fit", "--config", str(tmp_path / "nothere.yaml"), cwd=tmp_path), ("nothere.yaml",)
     assert_one_line_error(p, *needles)
     assert not version_dirs(tmp_path), "a failed run leaves no orphan version directory"
+
+
+# ------------------------------------------------------------------------------------------- Python-built models
+def test_python_built_models_reload_from_the_checkpoint_alone(tmp_path):
+    """Built in Python (not from YAML), an MoE policy and an MoE classifier still store their MoE as plain
+    values: ``load_from_checkpoint(path)`` with no other argument rebuilds them, weights_only."""
+    import numpy as np
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from moeparadigms.core import MLPExperts, MoE, TopKRouter
+    from moeparadigms.paradigms.rl import PPO, GymEnvs
+    from moeparadigms.paradigms.supervised import MoEClassifier
+
+    def moe(d):
+        return MoE(router=TopKRouter(d_model=d, num_experts=4, top_k=2), experts=MLPExperts(d_model=d, hidden=16, num_experts=4))
+
+    def fit(model, dm_or_loader, root):
+        ck = pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)
+        pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   callbacks=[ck]).fit(model, dm_or_loader)
+        return Path(root) / "last.ckpt"
+
+    policy = PPO(network="moe", moe=moe(16), hidden=16, num_steps=16, minibatch_size=32, update_epochs=1, eval_episodes=1)
+    path = fit(policy, GymEnvs(env_id="CartPole-v1", num_envs=2, total_steps=64), tmp_path / "rl")
+    again = PPO.load_from_checkpoint(path, weights_only=True)
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    assert np.array_equal(again.act(obs, deterministic=True), policy.act(obs, deterministic=True))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), policy.state_dict().values()))
+
+    clf = MoEClassifier(in_features=8, num_classes=3, moe=moe(8))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    path = fit(clf, DataLoader(TensorDataset(x, y), batch_size=8), tmp_path / "sup")
+    again = MoEClassifier.load_from_checkpoint(path, weights_only=True).eval()
+    assert torch.equal(again(x), clf.eval()(x))
