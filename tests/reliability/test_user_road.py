@@ -254,7 +254,7 @@ def test_python_built_models_reload_from_the_checkpoint_alone(tmp_path):
     def fit(model, dm_or_loader, root):
         ck = pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)
         pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                   callbacks=[ck]).fit(model, dm_or_loader)
+                   callbacks=[ck], default_root_dir=root).fit(model, dm_or_loader)  # plots go there, not into the cwd
         return Path(root) / "last.ckpt"
 
     policy = PPO(network="moe", moe=moe(16), hidden=16, num_steps=16, minibatch_size=32, update_epochs=1, eval_episodes=1)
