@@ -384,7 +384,7 @@ class _StackedExperts(Experts):
         ``torch.func`` transforms (second-order MAML)."""
         outs = []
         for e, (s, t) in enumerate(_bounds(counts_E)):
-            if t == s:
+            if t == s and x.shape[0]:  # no rows at all: every expert runs on its empty slice (zero gradients)
                 continue
             h = x[s:t] @ self.w1.row(e).to(dtype)
             if self.b1 is not None:
@@ -486,12 +486,13 @@ class ModuleExperts(Experts):
         return len(self.experts)
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+        if x_AD.shape[0] == 0:
+            # no rows: each expert on the empty batch, so the output stays in the graph (zero gradients)
+            return sum((expert(x_AD) for expert in self.experts), x_AD.new_zeros(x_AD.shape))
         outs = []
         for expert, (s, t) in zip(self.experts, _bounds(counts_E), strict=True):
             if t > s:
                 outs.append(expert(x_AD[s:t]))
-        if not outs:
-            return x_AD.new_zeros(x_AD.shape)
         return torch.cat(outs, 0)
 
     @property

@@ -150,7 +150,8 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.d_model)
         task_id_T = self._task_ids(task_id, lead, x.device)
         if isinstance(self.router, SoftMoERouter):
-            groups = x.reshape(-1, x.shape[-2], self.d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
+            # explicit group count: a 0-sized dim makes reshape(-1, ...) ambiguous
+            groups = x.reshape(lead[:-1].numel(), x.shape[-2], self.d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
             soft = self.router(groups, task_id_T=task_id_T)
             y_TD, losses, stats = self._soft(groups, soft)
         else:
@@ -274,7 +275,7 @@ class MoE(nn.Module):
         c = r.combine_GNS.detach()
         entropy = -(c * torch.log(c.clamp_min(1e-20))).sum()
         stats = RoutingStats(counts, counts.new_zeros(()), torch.tensor(E * G * spe), entropy, torch.tensor(G * N))
-        return y_GND.reshape(G * N, D), {"z_loss": L.router_z_loss(r.logits_GNS.reshape(G * N, -1))}, stats
+        return y_GND.reshape(G * N, D), {"z_loss": L.router_z_loss(r.logits_GNS.reshape(G * N, E * spe))}, stats
 
     # ------------------------------------------------------------------ growth
     def add_experts(self, n: int = 1, *, init: Init = "fresh", source: Sequence[int] | None = None) -> Remap:

@@ -21,13 +21,13 @@ def switch_load_balance_loss(probs_TE: Tensor, expert_A: Tensor, num_experts: in
     if counts_E is None:
         counts_E = torch.bincount(expert_A, minlength=num_experts)
     f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1).to(probs_TE.dtype)
-    P_E = probs_TE.mean(0)
+    P_E = probs_TE.sum(0) / max(probs_TE.shape[0], 1)  # no tokens: P = 0 and the loss is 0, not NaN
     return num_experts * torch.sum(f_E * P_E)
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
-    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2 (0 for no tokens)."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / max(logits_TE.shape[0], 1)
 
 
 def cv_squared(v: Tensor, eps: float = 1e-10) -> Tensor:
