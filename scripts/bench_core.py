@@ -327,7 +327,7 @@ def time_config(s: Shape, impls: list[str], warmup: int, reps: int, threads: int
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the JSON records here")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up + 2 reps: a seconds-long smoke run")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up + 2 reps, no memory subprocesses: a seconds-long smoke run")
     ap.add_argument("--demo", action="store_true", help="the README demo: E in {8, 64}, k = 2, 4096 tokens, 3 reps")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--d-model", type=int, default=512)
@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         args.tokens, args.d_model, args.hidden, args.experts, args.top_k = 256, 64, 128, [4], [1, 2]
         args.warmup, args.reps = 1, 2
+        # the memory measurement starts a fresh interpreter per implementation and configuration (torch's import,
+        # seconds each): minutes in all, so the smoke run times only
+        args.no_memory = True
     elif args.demo:
         args.tokens, args.experts, args.top_k, args.warmup, args.reps = 4096, [8, 64], [2], 1, 3
     for name in ("tokens", "d_model", "hidden", "warmup", "reps", "threads"):

@@ -1,7 +1,12 @@
-"""The moeparadigms MoE core: routers, expert banks, dispatch, losses, statistics and growth."""
+"""The moeparadigms MoE core: routers, expert banks, dispatch, losses, statistics and growth.
+
+``RoutingMetrics`` (a torchmetrics ``Metric``) is imported on first use: torchmetrics pulls in torchvision and
+takes longer to import than the rest of the core together.
+"""
+from typing import Any as _Any
+
 from .experts import FFN, Experts, GLUExperts, MLPExperts, ModuleExperts
 from .layer import MoE, MoEOutput, RoutingStats
-from .metrics import RoutingMetrics
 from .params import ExpertParam, Remap, remap_optimizer
 from .routing import (
     BiasBalancedRouter,
@@ -31,3 +36,12 @@ for _cls in (MoE, FFN, MLPExperts, GLUExperts, ModuleExperts, BiasBalancedRouter
              SoftMoERouter, SwitchRouter, TaskConditionedRouter, TopKRouter):
     _record_init(_cls)
 del _cls, _record_init
+
+
+def __getattr__(name: str) -> _Any:
+    if name == "RoutingMetrics":
+        from .metrics import RoutingMetrics
+
+        globals()["RoutingMetrics"] = RoutingMetrics
+        return RoutingMetrics
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
