@@ -115,10 +115,11 @@ def _make_cli_class():
     from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer
     from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
     from pytorch_lightning.cli import LightningCLI
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     from .callbacks import FailFast, FinalCheckpoint, ListPlots, WritePredictions
     from .checkpoint import AtomicCheckpointIO
+    from .loggers import CSVLogger
 
     # absolute ${model...} interpolations in the YAMLs resolve inside the subcommand's namespace
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)

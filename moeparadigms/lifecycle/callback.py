@@ -7,7 +7,8 @@
         - class_path: moeparadigms.lifecycle.Upcycle
           init_args: {init_from: dense.ckpt, num_experts: 8, top_k: 2, init: copy}
 
-The config builds the *dense* model (e.g. the supervised ``MoEClassifier`` with ``num_experts: 1``). In
+The config builds the *dense* model (e.g. the supervised ``MoEClassifier``, a PPO policy or the continual module with
+``num_experts: 1``). In
 ``setup`` (before ``configure_optimizers``, before a ``--ckpt_path`` is restored) the callback loads the dense
 weights from ``init_from`` with :func:`moeparadigms.checkpoint.safe_load` (``weights_only=True``) and upcycles
 the module (:func:`~moeparadigms.lifecycle.upcycle`). What it did is written into every checkpoint:
@@ -57,6 +58,11 @@ class Upcycle(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if getattr(pl_module, "_upcycled", None) is not None:
             return  # fit then test on the same module: upcycle once
+        if getattr(pl_module, "built", True) is False:
+            # modules that build their networks from the data in their own ``setup`` (PPO from the env's spaces, the
+            # continual module from the stream), which Lightning runs after the callbacks': build them now (their
+            # setup is idempotent, so Lightning's later call finds them built)
+            pl_module.setup(stage)
         if getattr(trainer, "ckpt_path", None) is None:
             self._load_dense(pl_module)
         _, report = upcycle(pl_module, num_experts=self.num_experts, top_k=self.top_k, init=self.init,

@@ -108,3 +108,41 @@ def test_bad_callback_settings(runs, tmp_path):
         Upcycle(init_from=str(tmp_path / "missing.ckpt"), num_experts=4).setup(SimpleNamespace(ckpt_path=None), dense, "fit")
     with pytest.raises(ValueError, match="does not fit"):  # an upcycled checkpoint is not a dense one
         Upcycle(init_from=str(runs.up_ckpt), num_experts=4).setup(SimpleNamespace(ckpt_path=None), dense, "fit")
+
+
+RL_TASK = ROOT / "tasks" / "rl" / "cartpole.yaml"
+RL_MOE = ROOT / "configs" / "rl" / "ppo_moe.yaml"
+ONE_EXPERT = ["--model.init_args.moe.init_args.router.init_args.num_experts=1",
+              "--model.init_args.moe.init_args.router.init_args.top_k=1",
+              "--model.init_args.moe.init_args.experts.init_args.num_experts=1"]
+
+
+def _ppo_fit(root: Path, *extra: str) -> Path:
+    main(["fit", "--config", str(RL_TASK), "--config", str(RL_MOE), *ONE_EXPERT, *extra,
+          f"--trainer.default_root_dir={root}", "--data.init_args.total_steps=512", "--data.init_args.num_envs=4",
+          "--model.init_args.update_epochs=1", "--model.init_args.minibatch_size=64", "--model.init_args.norm_obs=true",
+          "--trainer.logger=false",
+          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    return next(root.rglob("last.ckpt"))
+
+
+def test_a_trained_one_expert_ppo_policy_starts_an_upcycled_run_from_yaml(tmp_path):
+    """PPO builds its networks from the env in its own setup (after the callbacks'): the callback builds them
+    first, loads the dense policy, upcycles actor and critic; the checkpoint reloads as the 8-expert policy."""
+    from moeparadigms.paradigms.rl import PPO
+
+    dense_ckpt = _ppo_fit(tmp_path / "dense")
+    cb = {"class_path": "moeparadigms.lifecycle.Upcycle",
+          "init_args": {"init_from": str(dense_ckpt), "num_experts": 8, "top_k": 2, "seed": 0}}
+    (tmp_path / "up.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [cb]}}))
+    up_ckpt = _ppo_fit(tmp_path / "up", "--config", str(tmp_path / "up.yaml"))
+    ck = safe_load(up_ckpt)
+    assert sorted(ck["upcycle"]["converted"]) == ["actor.block.moe", "critic.block.moe"]
+    assert ck["state_dict"]["actor.block.moe.experts.w1.weight"].shape[0] == 8
+    dense = safe_load(dense_ckpt)["state_dict"]
+    # the dense policy was loaded: its observation statistics continue instead of restarting (a fresh run of the
+    # same length counts exactly as many observations as the dense run did)
+    assert ck["state_dict"]["obs_rms.count"].item() > dense["obs_rms.count"].item()
+    policy = PPO.load_from_checkpoint(up_ckpt)
+    assert policy.actor.block.moe.num_experts == 8 and policy.critic.block.moe.num_experts == 8
+    assert all(torch.equal(v, ck["state_dict"][k]) for k, v in policy.state_dict().items())
