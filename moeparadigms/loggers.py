@@ -1,4 +1,3 @@
-# SPDX-License-Identifier: MIT
 """Loggers the CLI uses by default."""
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ mistake a user can make ending in one ``moeparadigms: error:`` line with no trac
 orphan ``version_N`` directory. (RL's own road: tests/rl.)"""
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +270,21 @@ def test_python_built_models_reload_from_the_checkpoint_alone(tmp_path):
     path = fit(clf, DataLoader(TensorDataset(x, y), batch_size=8), tmp_path / "sup")
     again = MoEClassifier.load_from_checkpoint(path, weights_only=True).eval()
     assert torch.equal(again(x), clf.eval()(x))
+
+
+def test_csv_logger_continues_a_resumed_runs_metrics(tmp_path):
+    """Lightning's CSVLogger deletes metrics.csv of the version it logs into; ours keeps the earlier rows up to the
+    point the resumed run starts from, and rows logged by hand without an epoch."""
+    from moeparadigms.loggers import CSVLogger
+
+    first = CSVLogger(save_dir=tmp_path, name="lightning_logs", version=0)
+    for epoch, step in [(0, 4), (0, 9), (1, 14), (1, 19), (2, 24)]:  # epoch 2's row came after the checkpoint
+        first.log_metrics({"train/loss": float(step), "epoch": epoch}, step=step)
+    first.log_metrics({"env_steps/return": 1.0}, step=1000)
+    first.save()
+    resumed = CSVLogger(save_dir=tmp_path, name="lightning_logs", version=0)
+    resumed.log_metrics({"train/loss": 0.5, "val/acc": 0.9, "epoch": 2}, step=20)  # resumed after epoch 1 (step 20)
+    resumed.save()
+    rows = list(csv.DictReader((tmp_path / "lightning_logs/version_0/metrics.csv").open()))
+    assert [(r["epoch"], r["step"]) for r in rows] == [("0", "4"), ("0", "9"), ("1", "14"), ("1", "19"), ("", "1000"), ("2", "20")]
+    assert rows[-1]["val/acc"] == "0.9" and rows[0]["val/acc"] == ""
