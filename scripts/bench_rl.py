@@ -41,7 +41,14 @@ METHODS = ("sb3-ppo", "ppo-dense", "ppo-moe")
 SUITES = {"cartpole-mt": ("moeparadigms/CartPoleMT-v0", "CartPole-v1", 4),
           "minigrid-mt": ("moeparadigms/MiniGridMT3-v0", "MiniGrid", 3)}
 SUITE_METHODS = ("ppo-dense-multihead", "ppo-moe-task")
-ALL_METHODS = METHODS + SUITE_METHODS
+# issue 14's controls: the same trunk with routing removed or fixed (scripts/bench_controls.py runs them paired by seed)
+#   ppo-moe-dense-trunk: ppo-moe's residual block with one always-on expert of hidden 128 (= top-2 x 64: the active
+#     expert parameters); ppo-moe-hash: ppo-moe's 4 experts under a fixed random-projection (hash) router, top-2;
+#   ppo-soft-moe: Soft MoE (4 tokens of 16 per sample, 4 experts x 1 slot); ppo-soft-moe-one-expert: Sokar et al.'s
+#     control, the same tokenisation and 4 slots into one expert scaled to the 4 experts' parameters (hidden 256)
+CONTROLS = {"ppo-moe": ("ppo-moe-dense-trunk", "ppo-moe-hash"), "ppo-soft-moe": ("ppo-soft-moe-one-expert",)}
+CONTROL_METHODS = tuple(m for pair in CONTROLS.items() for m in (pair[0], *pair[1]) if m not in METHODS) + ("ppo-moe",)
+ALL_METHODS = tuple(dict.fromkeys(METHODS + SUITE_METHODS + CONTROL_METHODS))
 # rl-baselines3-zoo hyperparams/ppo.yml; lr_linear: the zoo's lin_ learning rate and clip range (CartPole), our
 # anneal_lr + anneal_clip. VecNormalize (Acrobot, MiniGrid) is our norm_obs + norm_reward.
 ZOO = {
@@ -98,7 +105,7 @@ def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]]
 def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, int]:
     import pytorch_lightning as pl
 
-    from moeparadigms.core import MLPExperts, MoE, TaskConditionedRouter, TopKRouter
+    from moeparadigms.core import HashRouter, MLPExperts, MoE, SoftMoERouter, TaskConditionedRouter, TopKRouter
     from moeparadigms.paradigms.rl import PPO, GymEnvs
 
     gym_id, zoo_of, num_tasks = SUITES.get(env_id, (env_id, env_id, 1))
@@ -109,6 +116,18 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
         network = "moe"
         moe = MoE(router=TopKRouter(d_model=64, num_experts=4, top_k=2), experts=MLPExperts(d_model=64, hidden=64, num_experts=4),
                   load_balance_coef=0.01, z_loss_coef=0.001)
+    if method == "ppo-moe-dense-trunk":
+        network = "moe"
+        moe = MoE(router=TopKRouter(d_model=64, num_experts=1, top_k=1), experts=MLPExperts(d_model=64, hidden=128, num_experts=1))
+    if method == "ppo-moe-hash":
+        network = "moe"
+        moe = MoE(router=HashRouter(d_model=64, num_experts=4, top_k=2, seed=seed),
+                  experts=MLPExperts(d_model=64, hidden=64, num_experts=4))
+    if method in ("ppo-soft-moe", "ppo-soft-moe-one-expert"):
+        network = "soft_moe"
+        e, hidden = (4, 64) if method == "ppo-soft-moe" else (1, 256)
+        moe = MoE(router=SoftMoERouter(d_model=16, num_experts=e, slots_per_expert=4 // e),
+                  experts=MLPExperts(d_model=16, hidden=hidden, num_experts=e))
     if method == "ppo-moe-task":  # top-1 of 4 experts of hidden 32: about the dense 64x64 layer's active parameters
         network = "moe"
         moe = MoE(router=TaskConditionedRouter(d_model=64, num_experts=4, num_tasks=num_tasks, top_k=1, conditioning="task_only"),
@@ -134,7 +153,8 @@ def active_params(net) -> int:
         return total
     bank = sum(p.numel() for p in net.block.moe.experts.parameters())
     moe = net.block.moe
-    return total - bank + bank * moe.router.top_k // moe.experts.num_experts
+    k = getattr(moe.router, "top_k", moe.experts.num_experts)  # Soft MoE: every expert processes its slots
+    return total - bank + bank * k // moe.experts.num_experts
 
 
 def run_one(job: dict) -> dict:
