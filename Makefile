@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the pair that lies on disk here (torchvision is needed by avalanche-lib)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo demo-core bench-core lint clean
+.PHONY: test demo demo-core bench-core startup wheel lint clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
@@ -36,8 +36,16 @@ demo-core: $(VENV)/.installed-bench
 bench-core: $(VENV)/.installed-bench
 	$(PY) scripts/bench_core.py --out benchmarks/results/core_cpu.json
 
+# start-up times of `moeparadigms --help` and the package imports (median of 7 fresh processes each)
+startup: $(VENV)/.installed
+	$(PY) scripts/measure_startup.py --out benchmarks/results/startup.json
+
+# the wheel (with the recipes: tasks/, configs/, scripts/bench_*.py as moeparadigms/_recipes) in dist/
+wheel: $(VENV)/.installed
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check moeparadigms tests scripts
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) build dist

@@ -110,23 +110,24 @@ def _sources(what: str) -> list[Path]:
 def copy(what: str, dest: str | Path, *, force: bool = False) -> list[Path]:
     """Copy the recipes named by ``what`` (a paradigm, a YAML or a folder such as ``configs/rl``) into ``dest``,
     keeping their ``tasks/<paradigm>/`` and ``configs/<paradigm>/`` paths, so the README's ``--config`` paths work
-    from ``dest``. Returns the written files. A file already in ``dest`` with other content raises ``ValueError``
-    (nothing is written) unless ``force=True``; an identical one is left as it is."""
+    from ``dest``. Returns the target files. A file already in ``dest`` with other content raises ``ValueError``
+    (nothing is written) unless ``force=True``; an identical one is left as it is (so copying into the source
+    checkout itself is a no-op)."""
     r = root()
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"recipes: destination {str(dest)!r} is a file; give a folder")
     pairs = [(src, dest / src.relative_to(r)) for src in _sources(what)]
-    clashes = [t for s, t in pairs if t.exists() and not (t.is_file() and filecmp.cmp(s, t, shallow=False))]
+    same = {t for s, t in pairs if t.is_file() and filecmp.cmp(s, t, shallow=False)}  # also: dest is the recipe root
+    clashes = [t for s, t in pairs if t.exists() and t not in same]
     if clashes and not force:
         raise ValueError(f"recipes: {len(clashes)} file(s) in {str(dest)!r} differ from the recipes, e.g. "
                          f"{str(clashes[0])!r}; pass --force to overwrite them")
-    written = []
     for src, target in pairs:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
-        written.append(target)
-    return written
+        if target not in same:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+    return [t for _, t in pairs]
 
 
 def main(argv: list[str]) -> None:
@@ -158,7 +159,7 @@ def main(argv: list[str]) -> None:
         if len(args) != 2:
             raise ValueError(f"recipes cp needs PARADIGM|PATH and DEST, got {args}")
         written = copy(args[0], args[1], force=force)
-        print(f"copied {len(written)} recipe file(s) into {args[1]}:")
+        print(f"{len(written)} recipe file(s) in {args[1]}:")
         for w in written:
             print(f"  {w}")
     elif cmd == "path":
