@@ -7,12 +7,13 @@ function gives ragged groups the bmm treatment: groups are split into pieces of 
 single-threaded ``at::mm_out`` into its output slice.
 
 It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (about a minute, cached
-under ``TORCH_EXTENSIONS_DIR``). If compilation is impossible (no compiler) the experts fall back to
+under ``TORCH_EXTENSIONS_DIR``, one line on stderr while it compiles). If compilation is impossible (no compiler) the experts fall back to
 the Python loop, with a warning; set ``MOEPARADIGMS_NO_EXTENSION=1`` to skip it on purpose.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -99,25 +100,42 @@ def _load():
         try:
             import hashlib
 
-            from torch.utils.cpp_extension import get_default_build_root, load_inline
+            import logging
+
+            # torch logs "No CUDA runtime is found" when cpp_extension is imported on a machine without CUDA: noise
+            ext_log = logging.getLogger("torch.utils.cpp_extension")
+            level = ext_log.level
+            ext_log.setLevel(logging.ERROR)
+            try:
+                from torch.utils.cpp_extension import get_default_build_root, load_inline
+            finally:
+                ext_log.setLevel(level)
 
             # one build folder per torch installation and version: two virtualenvs sharing ~/.cache would otherwise
             # rebuild the extension (~35 s) every time a process of the other one loads it
             tag = hashlib.sha1(f"{os.path.dirname(torch.__file__)} {torch.__version__}".encode()).hexdigest()[:10]
-            build = os.path.join(get_default_build_root(), f"moeparadigms_grouped_mm-{tag}")
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # torch's documented override
+            build = os.path.join(root, f"moeparadigms_grouped_mm-{tag}")
             os.makedirs(build, exist_ok=True)
-            _module = load_inline(
-                name="moeparadigms_grouped_mm",
-                cpp_sources=[_SOURCE],
-                functions=["grouped_mm_out"],
-                # at::parallel_for is header code: it only forks threads when built with OpenMP. The
-                # soname libgomp.so.1 resolves to the copy torch already loaded, so MKL sees our threads
-                # as an active parallel region and runs each GEMM single-threaded.
-                extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=build,
-                verbose=False,
-            )
+            if not any(f.endswith(".so") for f in os.listdir(build)):
+                print(f"moeparadigms: compiling the CPU grouped-GEMM extension once (about a minute) in {build}",
+                      file=sys.stderr, flush=True)
+            ext_log.setLevel(logging.ERROR)
+            try:
+                _module = load_inline(
+                    name="moeparadigms_grouped_mm",
+                    cpp_sources=[_SOURCE],
+                    functions=["grouped_mm_out"],
+                    # at::parallel_for is header code: it only forks threads when built with OpenMP. The
+                    # soname libgomp.so.1 resolves to the copy torch already loaded, so MKL sees our threads
+                    # as an active parallel region and runs each GEMM single-threaded.
+                    extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=build,
+                    verbose=False,
+                )
+            finally:
+                ext_log.setLevel(level)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the Python loop
             _failed = True
             warnings.warn(

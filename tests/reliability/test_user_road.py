@@ -288,3 +288,28 @@ def test_csv_logger_continues_a_resumed_runs_metrics(tmp_path):
     rows = list(csv.DictReader((tmp_path / "lightning_logs/version_0/metrics.csv").open()))
     assert [(r["epoch"], r["step"]) for r in rows] == [("0", "4"), ("0", "9"), ("1", "14"), ("1", "19"), ("", "1000"), ("2", "20")]
     assert rows[-1]["val/acc"] == "0.9" and rows[0]["val/acc"] == ""
+
+
+def test_extension_build_honours_torch_extensions_dir_and_says_it_compiles(tmp_path, monkeypatch, capsys):
+    """The grouped-GEMM extension builds under TORCH_EXTENSIONS_DIR (torch's documented override) and prints one
+    line while it compiles (load_inline replaced by a recorder: no real compile here)."""
+    import torch.utils.cpp_extension as ext
+
+    from moeparadigms.core import _kernels
+
+    seen = {}
+
+    def fake_load_inline(**kw):
+        seen.update(kw)
+        return "built"
+
+    monkeypatch.setattr(ext, "load_inline", fake_load_inline)
+    monkeypatch.setattr(_kernels, "_module", None)
+    monkeypatch.setattr(_kernels, "_failed", False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("MOEPARADIGMS_NO_EXTENSION", raising=False)
+    capsys.readouterr()  # whatever importing cpp_extension here printed
+    assert _kernels._load() == "built"
+    assert seen["build_directory"].startswith(str(tmp_path / "ext") + "/moeparadigms_grouped_mm-")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeparadigms: compiling the CPU grouped-GEMM extension once")
