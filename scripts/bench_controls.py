@@ -100,6 +100,8 @@ def main() -> None:
 
     from rich.progress import track
 
+    import pytorch_lightning  # noqa: F401  (it sets its logger's level on import: import it first)
+
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no per-run "Trainer.fit stopped" lines
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's own
 
