@@ -313,3 +313,11 @@ def test_extension_build_honours_torch_extensions_dir_and_says_it_compiles(tmp_p
     assert seen["build_directory"].startswith(str(tmp_path / "ext") + "/moeparadigms_grouped_mm-")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moeparadigms: compiling the CPU grouped-GEMM extension once")
+
+
+@pytest.mark.parametrize("kind", ["missing", "random", "truncated"])
+def test_bad_input_bad_checkpoint_one_line_in_evaluate(kind, trained, tmp_path):
+    ck = _bad_checkpoints(tmp_path, trained)[kind]
+    p = run_cli("evaluate", "--ckpt", str(ck), "--episodes", "1", cwd=tmp_path)
+    assert_one_line_error(p, ck.name)
+    assert "weights_only=False" not in p.stderr + p.stdout
