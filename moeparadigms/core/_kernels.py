@@ -6,9 +6,9 @@ fork/join per expert and collapsing when another process shares the cores; ``tor
 function gives ragged groups the bmm treatment: groups are split into pieces of rows and the intra-op threads take pieces from a shared queue, largest first, each piece one
 single-threaded ``at::mm_out`` into its output slice.
 
-It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (about a minute, cached
-under ``TORCH_EXTENSIONS_DIR``, one line on stderr while it compiles). If compilation is impossible (no compiler) the experts fall back to
-the Python loop, with a warning; set ``MOEPARADIGMS_NO_EXTENSION=1`` to skip it on purpose.
+It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (about a minute, one line on
+stderr while it compiles, cached under ``TORCH_EXTENSIONS_DIR``). If compilation is impossible (no compiler)
+the experts fall back to the Python loop, with a warning; set ``MOEPARADIGMS_NO_EXTENSION=1`` to skip it on purpose.
 """
 from __future__ import annotations
 
@@ -99,29 +99,24 @@ def _load():
             return None
         try:
             import hashlib
-
             import logging
 
-            # torch logs "No CUDA runtime is found" when cpp_extension is imported on a machine without CUDA: noise
+            # torch logs "No CUDA runtime is found" from cpp_extension on a machine without CUDA: noise here
             ext_log = logging.getLogger("torch.utils.cpp_extension")
             level = ext_log.level
             ext_log.setLevel(logging.ERROR)
             try:
                 from torch.utils.cpp_extension import get_default_build_root, load_inline
-            finally:
-                ext_log.setLevel(level)
 
-            # one build folder per torch installation and version: two virtualenvs sharing ~/.cache would otherwise
-            # rebuild the extension (~35 s) every time a process of the other one loads it
-            tag = hashlib.sha1(f"{os.path.dirname(torch.__file__)} {torch.__version__}".encode()).hexdigest()[:10]
-            root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # torch's documented override
-            build = os.path.join(root, f"moeparadigms_grouped_mm-{tag}")
-            os.makedirs(build, exist_ok=True)
-            if not any(f.endswith(".so") for f in os.listdir(build)):
-                print(f"moeparadigms: compiling the CPU grouped-GEMM extension once (about a minute) in {build}",
-                      file=sys.stderr, flush=True)
-            ext_log.setLevel(logging.ERROR)
-            try:
+                # one build folder per torch installation and version: two virtualenvs sharing ~/.cache would
+                # otherwise rebuild the extension (~35 s) every time a process of the other one loads it
+                tag = hashlib.sha1(f"{os.path.dirname(torch.__file__)} {torch.__version__}".encode()).hexdigest()[:10]
+                root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # torch's documented override
+                build = os.path.join(root, f"moeparadigms_grouped_mm-{tag}")
+                os.makedirs(build, exist_ok=True)
+                if not any(f.endswith(".so") for f in os.listdir(build)):
+                    print(f"moeparadigms: compiling the CPU grouped-GEMM extension once (about a minute) in {build}",
+                          file=sys.stderr, flush=True)
                 _module = load_inline(
                     name="moeparadigms_grouped_mm",
                     cpp_sources=[_SOURCE],

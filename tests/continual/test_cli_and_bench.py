@@ -1,9 +1,9 @@
 """The documented commands: ``moeparadigms fit`` with a task + method config (and resuming it from a
 mid-stream checkpoint), every continual YAML, and the benchmark script's --quick smoke run."""
 import json
-import warnings
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import pytest

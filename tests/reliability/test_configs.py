@@ -74,10 +74,9 @@ def test_cli_defaults_loggers_progress_bar_checkpoints(tmp_path, monkeypatch):
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from moeparadigms.loggers import CSVLogger  # Lightning's, continuing metrics.csv on resume
-
     from moeparadigms.callbacks import FailFast, ListPlots
     from moeparadigms.checkpoint import AtomicCheckpointIO
+    from moeparadigms.loggers import CSVLogger  # Lightning's, continuing metrics.csv on resume
 
     monkeypatch.chdir(ROOT)
     cli = MoEParadigmsCLI(args=["--config", "tasks/supervised/digits.yaml", "--config", "configs/supervised/moe_mlp.yaml",
