@@ -36,7 +36,7 @@ from moeparadigms.benchmarks.stats import effects_table, rl_aggregate, routing_e
 
 CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-fixed-routing",
                 "ppo-soft-moe-one-expert": "single-scaled-expert"}
-RL_METHODS = ("ppo-moe", "ppo-moe-dense-trunk", "ppo-moe-hash", "ppo-soft-moe", "ppo-soft-moe-one-expert")
+RL_METHODS = bench_rl.CONTROL_METHODS  # each MoE method followed by its controls
 
 
 def rl_record(rec: dict) -> dict:
@@ -98,9 +98,8 @@ def main() -> None:
     import logging
     import warnings
 
-    from rich.progress import track
-
     import pytorch_lightning  # noqa: F401  (it sets its logger's level on import: import it first)
+    from rich.progress import track
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no per-run "Trainer.fit stopped" lines
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's own

@@ -47,7 +47,7 @@ SUITE_METHODS = ("ppo-dense-multihead", "ppo-moe-task")
 #   ppo-soft-moe: Soft MoE (4 tokens of 16 per sample, 4 experts x 1 slot); ppo-soft-moe-one-expert: Sokar et al.'s
 #     control, the same tokenisation and 4 slots into one expert scaled to the 4 experts' parameters (hidden 256)
 CONTROLS = {"ppo-moe": ("ppo-moe-dense-trunk", "ppo-moe-hash"), "ppo-soft-moe": ("ppo-soft-moe-one-expert",)}
-CONTROL_METHODS = tuple(m for pair in CONTROLS.items() for m in (pair[0], *pair[1]) if m not in METHODS) + ("ppo-moe",)
+CONTROL_METHODS = tuple(dict.fromkeys(m for moe, controls in CONTROLS.items() for m in (moe, *controls)))
 ALL_METHODS = tuple(dict.fromkeys(METHODS + SUITE_METHODS + CONTROL_METHODS))
 # rl-baselines3-zoo hyperparams/ppo.yml; lr_linear: the zoo's lin_ learning rate and clip range (CartPole), our
 # anneal_lr + anneal_clip. VecNormalize (Acrobot, MiniGrid) is our norm_obs + norm_reward.
