@@ -136,6 +136,9 @@ def hparams_ignore(*module_args: str) -> list[str]:
     rebuilds the whole model from the checkpoint alone. Built in Python, those arguments are ``nn.Module``
     objects, which would make the checkpoint unsafe to load; they are ignored then.
     """
+    # a Lightning private: LightningCLI passes the config's plain values through this context variable while it
+    # instantiates the model (``_given_hyperparameters_context``), and it is the only way a module can tell that its
+    # ``moe`` argument came from a config rather than from Python; Lightning has no public accessor for it
     from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 
     return [] if _given_hyperparameters.get() is not None else list(module_args)

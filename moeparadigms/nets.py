@@ -10,7 +10,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from .core import MoE, MoEOutput, RoutingStats
-from .core.experts import _reset
+from .core.experts import reinitialize
 
 
 class BlockOutput(NamedTuple):
@@ -44,7 +44,7 @@ class MoEMLP(nn.Module):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.inp = nn.Linear(in_features, moe.d_model)
-        self.blocks = nn.ModuleList([MoEBlock(moe if i == 0 else _reset(copy.deepcopy(moe))) for i in range(depth)])
+        self.blocks = nn.ModuleList([MoEBlock(moe if i == 0 else reinitialize(copy.deepcopy(moe))) for i in range(depth)])
         self.norm = nn.LayerNorm(moe.d_model)
         self.head = nn.Linear(moe.d_model, out_features)
 

@@ -27,22 +27,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ..checks import SETTINGS, check_positive, check_setting
 from .digits import load_digits_tensors, stratified_split
 from .sampling import EpochPermutation
+from .specs import StreamSpec
 
 Setting = Literal["class-incremental", "domain-incremental", "task-incremental"]
-SETTINGS: tuple[str, ...] = ("class-incremental", "domain-incremental", "task-incremental")
-
-
-def check_setting(setting: str) -> None:
-    if setting not in SETTINGS:
-        raise ValueError(f"setting={setting!r} is not supported; choose one of {list(SETTINGS)}")
-
-
-def _check_positive(**fields: int) -> None:
-    for name, v in fields.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
 
 
 class _TargetsTensorDataset(TensorDataset):
@@ -53,7 +43,7 @@ class _TargetsTensorDataset(TensorDataset):
         self.targets = y
 
 
-def _materialise(dataset: Dataset, batch_size: int = 2048) -> TensorDataset:
+def materialise(dataset: Dataset, batch_size: int = 2048) -> TensorDataset:
     """An Avalanche experience dataset as in-memory tensors ``(x, y, t)``: small streams then cost one
     tensor index per batch instead of Avalanche's per-sample ``__getitem__`` (about 10x faster here)."""
     xs, ys, ts = [], [], []
@@ -64,6 +54,9 @@ def _materialise(dataset: Dataset, batch_size: int = 2048) -> TensorDataset:
         ys.append(y.long())
         ts.append(torch.as_tensor(t).long())
     return TensorDataset(torch.cat(xs), torch.cat(ys), torch.cat(ts))
+
+
+_materialise = materialise  # its former private name
 
 
 def _experience_classes(exp: Any, data: TensorDataset) -> list[int]:
@@ -105,7 +98,7 @@ class AvalancheStream(pl.LightningDataModule):
         super().__init__()
         if setting is not None:
             check_setting(setting)
-        _check_positive(epochs_per_experience=epochs_per_experience, batch_size=batch_size, eval_batch_size=eval_batch_size)
+        check_positive(epochs_per_experience=epochs_per_experience, batch_size=batch_size, eval_batch_size=eval_batch_size)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
         if benchmark is None and type(self) is AvalancheStream:
@@ -148,8 +141,8 @@ class AvalancheStream(pl.LightningDataModule):
                 if len(e.dataset) == 0:
                     raise ValueError(f"{type(self).__name__}: experience {i} of the benchmark's {name} is empty (0 samples); "
                                      "every experience needs data to train on and to evaluate")
-        train = [_materialise(e.dataset) for e in bm.train_stream]
-        test = [_materialise(e.dataset) for e in bm.test_stream]
+        train = [materialise(e.dataset) for e in bm.train_stream]
+        test = [materialise(e.dataset) for e in bm.test_stream]
         if not train:
             raise ValueError(f"{type(self).__name__}: the benchmark's train_stream has no experiences")
         if len(train) != len(test):
@@ -189,6 +182,13 @@ class AvalancheStream(pl.LightningDataModule):
     def in_features(self) -> int:
         self.num_experiences  # noqa: B018
         return int(self.train_sets[0].tensors[0][0].numel())
+
+    @property
+    def spec(self) -> StreamSpec:
+        """What the continual paradigm builds from (builds the stream on first use)."""
+        return StreamSpec(in_features=self.in_features, num_classes=self.num_classes, setting=self.setting,  # type: ignore[arg-type]
+                          classes_per_experience=tuple(tuple(c) for c in self.classes_per_experience),
+                          epochs_per_experience=self.epochs_per_experience)
 
     @property
     def max_epochs(self) -> int:
@@ -236,7 +236,7 @@ class SplitDigits(AvalancheStream):
     def __init__(self, *, n_experiences: int = 5, class_order: Sequence[int] | None = None, test_fraction: float = 0.2,
                  split_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_positive(n_experiences=n_experiences)
+        check_positive(n_experiences=n_experiences)
         if 10 % n_experiences:
             raise ValueError(f"n_experiences must divide the 10 digit classes (1, 2, 5 or 10), got {n_experiences}")
         if class_order is not None and sorted(class_order) != list(range(10)):
@@ -268,7 +268,7 @@ class PermutedDigits(AvalancheStream):
     def __init__(self, *, n_experiences: int = 5, test_fraction: float = 0.2, split_seed: int = 0,
                  permutation_seed: int = 0, setting: Setting = "domain-incremental", **kwargs: Any) -> None:
         super().__init__(setting=setting, **kwargs)
-        _check_positive(n_experiences=n_experiences)
+        check_positive(n_experiences=n_experiences)
         if setting == "class-incremental":
             raise ValueError("setting='class-incremental' does not fit permuted digits (every experience has all classes); "
                              "use 'domain-incremental' or 'task-incremental'")
@@ -304,7 +304,7 @@ class MNIST1D(AvalancheStream):
 
     def __init__(self, *, n_experiences: int = 5, data_seed: int = 42, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_positive(n_experiences=n_experiences)
+        check_positive(n_experiences=n_experiences)
         if 10 % n_experiences:
             raise ValueError(f"n_experiences must divide the 10 classes (1, 2, 5 or 10), got {n_experiences}")
         if self.setting == "domain-incremental":
@@ -322,4 +322,5 @@ class MNIST1D(AvalancheStream):
         )
 
 
-__all__ = ["AvalancheStream", "SplitDigits", "PermutedDigits", "MNIST1D", "SETTINGS", "Setting", "mnist1d_tensors"]
+__all__ = ["AvalancheStream", "SplitDigits", "PermutedDigits", "MNIST1D", "SETTINGS", "Setting", "mnist1d_tensors",
+           "materialise"]

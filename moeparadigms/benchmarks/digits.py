@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .sampling import EpochPermutation
+from .specs import SupervisedSpec
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +40,9 @@ class DigitsDataModule(pl.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
+
+    #: 8x8 images, flattened; digits 0..9
+    spec = SupervisedSpec(in_features=64, num_classes=10)
 
     def setup(self, stage: str | None = None) -> None:
         x, y = load_digits_tensors()

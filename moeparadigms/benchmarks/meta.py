@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..checks import check_positive
+from .specs import EpisodeSpec
+
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
@@ -105,14 +108,17 @@ class EpisodicDataModule(pl.LightningDataModule):
     def __init__(self, *, shots: int = 10, query: int = 10, meta_batch_size: int = 25, meta_iterations: int = 1000,
                  num_test_tasks: int = 600, eval_batch_size: int = 100, seed: int = 0) -> None:
         super().__init__()
-        for name, v in dict(shots=shots, query=query, meta_batch_size=meta_batch_size, meta_iterations=meta_iterations,
-                            num_test_tasks=num_test_tasks, eval_batch_size=eval_batch_size).items():
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_positive(shots=shots, query=query, meta_batch_size=meta_batch_size, meta_iterations=meta_iterations,
+                       num_test_tasks=num_test_tasks, eval_batch_size=eval_batch_size)
         self.shots, self.query, self.meta_batch_size = shots, query, meta_batch_size
         self.meta_iterations, self.num_test_tasks, self.eval_batch_size, self.seed = (
             meta_iterations, num_test_tasks, eval_batch_size, seed)
         self.save_hyperparameters()
+
+    @property
+    def spec(self) -> EpisodeSpec:
+        """What the meta-learning paradigm builds from."""
+        return EpisodeSpec(in_features=self.in_features, out_features=self.out_features, kind=self.kind)
 
     def sample_tasks(self, n: int, g: torch.Generator, split: str) -> Batch:
         raise NotImplementedError

@@ -3,8 +3,8 @@ several label functions on scikit-learn's digits trained jointly.
 
 Both DataModules yield multi-label batches ``(x_BF, y_BT)``: every sample carries one target per task
 (``y_BT`` is float; classification targets are class indices stored as floats so one tensor holds mixed
-tasks). Each exposes ``tasks``: the :class:`~moeparadigms.benchmarks.specs.TaskSpec` list the model
-must be built with.
+tasks). Each exposes ``spec``: a :class:`~moeparadigms.benchmarks.specs.MultiTaskSpec` (the input width and
+the :class:`~moeparadigms.benchmarks.specs.TaskSpec` list) the multi-task model is built from.
 
 Shape legend: N samples, B batch, F input features, T tasks, M sine terms.
 """
@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..checks import check_positive
 from .digits import load_digits_tensors, stratified_split
-from .specs import TaskSpec
+from .specs import MultiTaskSpec, TaskSpec
 
 # ---------------------------------------------------------------------------------------------------
 # (1) MMoE synthetic regression (Ma et al. 2018, section 3.2)
@@ -105,12 +106,14 @@ class MMoESyntheticDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, v in dict(n_train=n_train, n_val=n_val, n_test=n_test, batch_size=batch_size).items():
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive(n_train=n_train, n_val=n_val, n_test=n_test, batch_size=batch_size)
         self.save_hyperparameters()
         # validates p, c, m, ... at construction, not at setup
         self.problem = MMoESyntheticProblem(p=p, num_features=num_features, c=c, m=m, noise_std=noise_std, seed=seed)
+
+    @property
+    def spec(self) -> MultiTaskSpec:
+        return MultiTaskSpec(in_features=self.hparams.num_features, tasks=tuple(self.tasks))
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
@@ -176,10 +179,13 @@ class MultiTaskDigitsDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_positive(batch_size=batch_size)
         self.tasks = digit_tasks(list(labels))
         self.save_hyperparameters()
+
+    @property
+    def spec(self) -> MultiTaskSpec:
+        return MultiTaskSpec(in_features=64, tasks=tuple(self.tasks))
 
     def setup(self, stage: str | None = None) -> None:
         x, d = load_digits_tensors()

@@ -20,7 +20,6 @@ winner's curse); the verdict is therefore conservative for "helps".
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal

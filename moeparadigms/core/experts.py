@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive
 from ._kernels import grouped_mm_out
 from .dispatch import TopKPermutation, permute_topk, unpermute_grad
 from .params import ExpertParam, Remap, merge_remaps
@@ -50,12 +51,6 @@ _BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 def check_activation(activation: str) -> None:
     if activation not in _FORWARD:
         raise ValueError(f"activation={activation!r} is not supported; choose one of {sorted(_FORWARD)}")
-
-
-def _check_positive(**fields: int) -> None:
-    for name, value in fields.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,10 +235,10 @@ class Experts(nn.Module):
         raise NotImplementedError
 
 
-def _check_init(init: str, n: int, source: Sequence[int] | None, num_experts: int) -> list[int]:
+def check_init(init: str, n: int, source: Sequence[int] | None, num_experts: int) -> list[int]:
     if init not in ("copy", "mean", "fresh"):
         raise ValueError(f"init={init!r} is not supported; choose one of ['copy', 'fresh', 'mean']")
-    _check_positive(n=n)
+    check_positive(n=n)
     if init != "copy":
         return []
     src = list(source) if source is not None else [num_experts - 1]
@@ -273,7 +268,7 @@ class _StackedExperts(Experts):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        _check_positive(d_model=d_model, hidden=hidden, num_experts=num_experts)
+        check_positive(d_model=d_model, hidden=hidden, num_experts=num_experts)
         check_activation(activation)
         if backend not in ("auto", "loop", "grouped_mm", "autograd"):
             raise ValueError(
@@ -403,7 +398,7 @@ class _StackedExperts(Experts):
     def grow(self, n: int, init: Init = "fresh", source: Sequence[int] | None = None) -> Remap:
         """Add ``n`` experts: copies of ``source`` experts (default: the last), the mean of all experts,
         or freshly initialised. Existing experts are untouched (bit-identical outputs)."""
-        src = _check_init(init, n, source, self.num_experts)
+        src = check_init(init, n, source, self.num_experts)
         remaps = []
         for p in self._params():
             fan_in = self.d_model if p in (self.w1, self.b1) else self.hidden
@@ -469,12 +464,12 @@ class ModuleExperts(Experts):
         if prototype is not None:
             if num_experts is None:
                 raise ValueError("num_experts is required with prototype")
-            _check_positive(num_experts=num_experts)
-            experts = [_reset(copy.deepcopy(prototype)) for _ in range(num_experts)]
+            check_positive(num_experts=num_experts)
+            experts = [reinitialize(copy.deepcopy(prototype)) for _ in range(num_experts)]
         assert experts is not None
         if len(experts) == 0:
             raise ValueError("experts must hold at least one module, got an empty list")
-        _check_positive(d_model=d_model)
+        check_positive(d_model=d_model)
         self.d_model = d_model
         self.experts = nn.ModuleList(experts)
         self.register_buffer("_frozen", torch.zeros(len(experts), dtype=torch.bool))
@@ -500,7 +495,7 @@ class ModuleExperts(Experts):
         return self._frozen
 
     def grow(self, n: int, init: Init = "fresh", source: Sequence[int] | None = None) -> Remap:
-        src = _check_init(init, n, source, self.num_experts)
+        src = check_init(init, n, source, self.num_experts)
         for i in range(n):
             if init == "copy":
                 new = copy.deepcopy(self.experts[src[i]])
@@ -510,7 +505,7 @@ class ModuleExperts(Experts):
                     for name, p in new.named_parameters():
                         p.copy_(torch.stack([dict(m.named_parameters())[name] for m in self.experts]).mean(0))
             else:
-                new = _reset(copy.deepcopy(self.experts[0]))
+                new = reinitialize(copy.deepcopy(self.experts[0]))
             for p in new.parameters():
                 p.requires_grad_(True)
             self.experts.append(new)
@@ -536,7 +531,8 @@ class ModuleExperts(Experts):
         return {}
 
 
-def _reset(module: nn.Module) -> nn.Module:
+def reinitialize(module: nn.Module) -> nn.Module:
+    """``module`` with every submodule's ``reset_parameters`` called (a deep copy made independent); returned."""
     for m in module.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
@@ -561,7 +557,7 @@ class FFN(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive(d_model=d_model, hidden=hidden, num_shared=num_shared)
+        check_positive(d_model=d_model, hidden=hidden, num_shared=num_shared)
         check_activation(activation)
         width = hidden * num_shared
         self.activation, self.glu = activation, glu

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive
 from ._dist import sum_over_ranks
-from .experts import Init, _check_init, _check_positive
+from .experts import Init, check_init
 from .params import ExpertParam, Remap, merge_remaps
 
 
@@ -84,7 +85,7 @@ class Router(nn.Module):
 
     def __init__(self, *, d_model: int, num_experts: int) -> None:
         super().__init__()
-        _check_positive(d_model=d_model, num_experts=num_experts)
+        check_positive(d_model=d_model, num_experts=num_experts)
         self.d_model, self.num_experts = d_model, num_experts
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing | SoftRouting:
@@ -96,7 +97,7 @@ class Router(nn.Module):
 
     def grow(self, n: int, init: Init = "fresh", source: Sequence[int] | None = None) -> Remap:
         """Add ``n`` experts' router rows: copies of ``source`` rows, their mean, or fresh."""
-        src = _check_init(init, n, source, self.num_experts)
+        src = check_init(init, n, source, self.num_experts)
         remaps = [p.grow_init(n, init, src, lambda m, p=p: self._fresh(p, m)) for p in self._expert_params()]
         self._grow_buffers(n, init, src)
         self.num_experts += n
@@ -325,7 +326,7 @@ class TaskConditionedRouter(TopKRouter):
             d_model=d_model, num_experts=num_experts, top_k=top_k, noisy=noisy, temperature=temperature,
             renormalize=renormalize,
         )
-        _check_positive(num_tasks=num_tasks, task_dim=task_dim)
+        check_positive(num_tasks=num_tasks, task_dim=task_dim)
         if conditioning not in ("concat", "gate", "task_only"):
             raise ValueError(f"conditioning={conditioning!r} is not supported; choose one of ['concat', 'gate', 'task_only']")
         self.num_tasks, self.conditioning, self.task_dim = num_tasks, conditioning, task_dim
@@ -442,7 +443,7 @@ class SoftMoERouter(Router):
 
     def __init__(self, *, d_model: int, num_experts: int, slots_per_expert: int = 1, normalize: bool = False) -> None:
         super().__init__(d_model=d_model, num_experts=num_experts)
-        _check_positive(slots_per_expert=slots_per_expert)
+        check_positive(slots_per_expert=slots_per_expert)
         self.slots_per_expert, self.normalize = slots_per_expert, normalize
         self.phi = ExpertParam(_fresh_rows(num_experts * slots_per_expert, d_model).reshape(num_experts, slots_per_expert, d_model))
         self.scale = nn.Parameter(torch.ones(())) if normalize else None

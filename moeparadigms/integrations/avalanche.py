@@ -28,6 +28,7 @@ from torch import Tensor
 from ..core import MoE
 from ..core.experts import Init
 from ..nets import MoEMLP
+from ..paradigms.continual_growth import grow_experts
 
 
 class AvalancheMoE(DynamicModule):
@@ -61,9 +62,7 @@ class AvalancheMoE(DynamicModule):
             return
         if self.seen_experiences and self.experts_per_experience:
             for moe in self.net.moe_layers():
-                if self.freeze_old:
-                    moe.freeze_experts(list(range(moe.num_experts)), router=True)
-                moe.add_experts(self.experts_per_experience, init=self.init)
+                grow_experts(moe, self.experts_per_experience, freeze_old=self.freeze_old, init=self.init)
             # no remap_optimizer here: Avalanche's make_optimizer re-reads model.parameters() after adaptation
         self.seen_experiences.append(exp_id)
 

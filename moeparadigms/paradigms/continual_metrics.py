@@ -17,11 +17,11 @@ Shape legend: T experiences; rows of the stored matrix are ``0`` (untrained) and
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torchmetrics
 from torch import Tensor
+
+from ..plots import plot_accuracy_matrix, plot_expert_usage
 
 
 def continual_summary(R: Tensor, initial: Tensor | None = None, *, trained: int | None = None) -> dict[str, float]:
@@ -100,62 +100,6 @@ class AccuracyMatrix(torchmetrics.Metric):
         return out
 
 
-# ---------------------------------------------------------------------------------------------- plots
-def plot_accuracy_matrix(R: Tensor, path: str | Path, *, title: str = "accuracy matrix") -> Path:
-    """Heatmap of ``R`` (rows: trained up to; columns: evaluated on), values annotated, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and in tests
-    import matplotlib.pyplot as plt
-
-    R = R.detach().double().cpu()
-    T = R.shape[0]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * T, 0.8 + 0.6 * T))
-    im = ax.imshow(R.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    for i in range(T):
-        for j in range(T):
-            if not torch.isnan(R[i, j]):
-                v = float(R[i, j])
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black")
-    ax.set_xlabel("evaluated on experience")
-    ax.set_ylabel("after training on experience")
-    ax.set_xticks(range(T))
-    ax.set_yticks(range(T))
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="accuracy")
-    return _save_figure(fig, path)
-
-
-def plot_expert_usage(usage: Tensor, path: str | Path, *, title: str = "expert usage per experience") -> Path:
-    """Heatmap of ``usage[j, e]``: the fraction of experience ``j``'s test tokens routed to expert ``e``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    usage = usage.detach().double().cpu()
-    T, E = usage.shape
-    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * E, 0.8 + 0.5 * T))
-    im = ax.imshow(usage.numpy(), vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("test data of experience")
-    ax.set_xticks(range(E))
-    ax.set_yticks(range(T))
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of tokens")
-    return _save_figure(fig, path)
-
-
-def _save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG (creating its folder) and release it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
+# plots: moeparadigms.plots (re-exported: scripts import them from here)
 
 __all__ = ["AccuracyMatrix", "continual_summary", "plot_accuracy_matrix", "plot_expert_usage"]

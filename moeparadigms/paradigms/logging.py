@@ -10,7 +10,6 @@ disabled, enter the module's collective first.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from ..core import RoutingMetrics, RoutingStats
+from ..plots import plot_expert_load  # noqa: F401  (re-exported: its old home)
 
 SCALARS = ("dropped_fraction", "router_entropy", "normalized_entropy", "utilization", "load_cv", "max_load")
 
@@ -74,29 +74,3 @@ class RoutingLog(nn.Module):
         """Each layer's share of tokens per expert over the epoch (empty layers give zeros)."""
         return [m.compute()["tokens_per_expert"].detach().cpu() if m.update_called else torch.zeros(m.counts.numel())
                 for m in self.layers]
-
-
-def plot_expert_load(shares: Sequence, path: str | Path, *, title: str = "expert load") -> Path:
-    """Bar chart of each MoE layer's share of tokens per expert, with the uniform share as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(shares), 1, figsize=(max(4.0, 0.35 * max(len(s) for s in shares) + 1.5), 1.8 * len(shares)),
-                             squeeze=False)
-    for i, (ax, share) in enumerate(zip(axes[:, 0], shares)):
-        share = [float(v) for v in share]
-        ax.bar(range(len(share)), share, color="tab:blue")
-        ax.axhline(1.0 / len(share), color="gray", ls="--", lw=1, label="uniform")
-        ax.set_ylabel(f"layer {i}\nshare of tokens", fontsize=8)
-        ax.set_xticks(range(len(share)))
-    axes[-1, 0].set_xlabel("expert")
-    axes[0, 0].legend(fontsize=7)
-    axes[0, 0].set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

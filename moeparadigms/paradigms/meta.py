@@ -30,18 +30,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checkpoint import check_compatible, hparams_ignore, store_module_configs
+from ..benchmarks.specs import EpisodeSpec
+from ..checkpoint import hparams_ignore, store_module_configs
+from ..checks import check_positive
 from ..core import MoE
 from ..nets import MoEBlock
+from ..plots import plot_adaptation_curves
+from .base import OptimizerCallable, ParadigmModule
 
 ALGORITHMS = ("maml", "fomaml", "reptile")
 ADAPT_GROUPS = ("all", "router", "experts", "head", "context", "body")
@@ -102,7 +104,7 @@ def _in_group(name: str, group: str) -> bool:
     return not (name.startswith("head.") or name == "context")  # body
 
 
-class MetaMoE(pl.LightningModule):
+class MetaMoE(ParadigmModule):
     """MAML-family meta-learning of a dense or MoE network (see the module docstring).
 
     Args:
@@ -115,10 +117,15 @@ class MetaMoE(pl.LightningModule):
         inner_lr: inner learning rate; ``context_lr`` overrides it for the context (CAVIA uses a larger one).
         learn_inner_lr: Meta-SGD: learn one inner learning rate per adapted weight.
         eval_steps: inner steps at evaluation; the query metric is recorded after each of 0..eval_steps.
-        outer_lr: Adam learning rate of the meta-update.
+        outer_lr: learning rate of the meta-update (the default optimizer: ``Adam(outer_lr)``).
         grad_clip: clip the meta-gradient norm (0: off).
-        in_features, out_features, task_kind: taken from the DataModule when None.
+        in_features, out_features, task_kind: taken from the DataModule's
+            :class:`~moeparadigms.benchmarks.specs.EpisodeSpec` when None.
+        optimizer: a LightningCLI optimizer config replacing the default ``Adam(outer_lr)``.
     """
+
+    checkpoint_key = "meta"
+    spec_type = EpisodeSpec
 
     def __init__(
         self,
@@ -140,8 +147,9 @@ class MetaMoE(pl.LightningModule):
         in_features: int | None = None,
         out_features: int | None = None,
         task_kind: Literal["regression", "classification"] | None = None,
+        optimizer: OptimizerCallable | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer=optimizer)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={algorithm!r} is not supported; choose one of {list(ALGORITHMS)}")
         adapt = [adapt] if isinstance(adapt, str) else list(adapt)
@@ -152,9 +160,7 @@ class MetaMoE(pl.LightningModule):
             raise ValueError("adapt includes 'context' but context_dim=0: set context_dim > 0")
         if moe is None and any(a in ("router", "experts") for a in adapt):
             raise ValueError(f"adapt={adapt!r} names MoE parts but the network is dense (moe=None)")
-        for name, v in dict(width=width, depth=depth, inner_steps=inner_steps, eval_steps=eval_steps).items():
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_positive(width=width, depth=depth, inner_steps=inner_steps, eval_steps=eval_steps)
         for name, v in dict(inner_lr=inner_lr, outer_lr=outer_lr).items():
             if not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v!r}")
@@ -164,7 +170,7 @@ class MetaMoE(pl.LightningModule):
             raise ValueError("learn_inner_lr (Meta-SGD) needs algorithm maml or fomaml, got reptile")
         if task_kind not in (None, "regression", "classification"):
             raise ValueError(f"task_kind must be 'regression', 'classification' or null, got {task_kind!r}")
-        self.save_hyperparameters(ignore=hparams_ignore("moe"))
+        self.save_hyperparameters(ignore=hparams_ignore("moe", "optimizer"))
         store_module_configs(self, moe=moe)
         self.hparams["adapt"] = adapt
         self.moe = moe
@@ -172,19 +178,24 @@ class MetaMoE(pl.LightningModule):
         self.net: MetaNet | None = None
         self.eval_results: dict[str, dict[str, list[float]]] = {}
         self._curves: list[Tensor] = []
-        self.plot_paths: list[Path] = []
         if in_features is not None and out_features is not None and task_kind is not None:
-            self.build(in_features, out_features, task_kind)
+            self.build(EpisodeSpec(in_features=in_features, out_features=out_features, kind=task_kind))
 
     # ------------------------------------------------------------------ building
-    def build(self, in_features: int, out_features: int, task_kind: str) -> None:
-        if self.net is not None:
-            if (self.in_features, self.out_features, self.task_kind) != (in_features, out_features, task_kind):
-                raise ValueError(f"this model was built for {self.in_features} -> {self.out_features} ({self.task_kind}); "
-                                 f"the data has {in_features} -> {out_features} ({task_kind})")
-            return
+    def build(self, spec: EpisodeSpec | int, out_features: int | None = None, task_kind: str | None = None) -> None:
+        """Build for an :class:`EpisodeSpec` (or, the older form, ``in_features, out_features, task_kind``)."""
+        if not isinstance(spec, EpisodeSpec):
+            spec = EpisodeSpec(in_features=spec, out_features=out_features, kind=task_kind)  # type: ignore[arg-type]
+        super().build(spec)
+
+    def spec_mismatch(self, spec: EpisodeSpec) -> str:
+        return (f"this model was built for {self.in_features} -> {self.out_features} ({self.task_kind}); "
+                f"the data has {spec.in_features} -> {spec.out_features} ({spec.kind})")
+
+    def _build(self, spec: EpisodeSpec) -> None:
         h = self.hparams
-        self.in_features, self.out_features, self.task_kind = in_features, out_features, task_kind
+        in_features, out_features = spec.in_features, spec.out_features
+        self.in_features, self.out_features, self.task_kind = in_features, out_features, spec.kind
         self.net = MetaNet(in_features=in_features, out_features=out_features, width=h.width, depth=h.depth,
                            moe=self.moe, context_dim=h.context_dim)
         self.moe = None  # owned by the network from here on (one parameter path)
@@ -196,12 +207,6 @@ class MetaMoE(pl.LightningModule):
                 n.replace(".", "__"): nn.Parameter(torch.full_like(p, self._base_lr(n)))
                 for n, p in self.net.named_parameters() if n in self.adapted
             })
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "sample_tasks"):
-            raise TypeError(f"MetaMoE needs an episodic DataModule (moeparadigms.benchmarks.meta), got {type(dm).__name__}")
-        self.build(dm.in_features, dm.out_features, dm.kind)
 
     def _base_lr(self, name: str) -> float:
         h = self.hparams
@@ -285,8 +290,8 @@ class MetaMoE(pl.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr)
+    def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.hparams.outer_lr)
 
     # ------------------------------------------------------------------ evaluation after 0..N inner steps
     def _check_grad_mode(self) -> None:
@@ -341,50 +346,13 @@ class MetaMoE(pl.LightningModule):
         self._plot("test")
 
     def _plot(self, stage: str) -> None:
-        log_dir = self.trainer.log_dir
-        if not self.hparams.plots or stage not in self.eval_results or not self.trainer.is_global_zero or not log_dir:
+        folder = self.plot_dir()
+        if not self.hparams.plots or stage not in self.eval_results or folder is None:
             return
         r = self.eval_results[stage]
         label = "query MSE" if self.task_kind == "regression" else "query accuracy"
-        path = plot_adaptation_curves({self.hparams.algorithm: r}, Path(log_dir) / f"adaptation_{stage}.png", ylabel=label)
+        path = plot_adaptation_curves({self.hparams.algorithm: r}, folder / f"adaptation_{stage}.png", ylabel=label)
         self.plot_paths.append(path)
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["meta"] = {"in_features": self.in_features, "out_features": self.out_features, "task_kind": self.task_kind}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        c = checkpoint.get("meta")
-        if c is None:
-            raise ValueError("this checkpoint was not written by MetaMoE (no 'meta' entry)")
-        self.build(c["in_features"], c["out_features"], c["task_kind"])
-        check_compatible(self, checkpoint, hparams=dict(self.hparams))
-
-
-def plot_adaptation_curves(curves: dict[str, dict[str, list[float]]], path: str | Path, *, ylabel: str,
-                           title: str = "adaptation on held-out tasks") -> Path:
-    """Query metric (mean with a 95% CI band) against inner steps, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for name, r in curves.items():
-        m, ci = torch.tensor(r["mean"]), torch.tensor(r["ci95"])
-        steps = range(len(m))
-        ax.plot(steps, m, marker="o", ms=3, label=name)
-        ax.fill_between(steps, m - ci, m + ci, alpha=0.2)
-    ax.set_xlabel("inner steps")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-__all__ = ["MetaMoE", "MetaNet", "ALGORITHMS", "ADAPT_GROUPS", "plot_adaptation_curves"]
+__all__ = ["MetaMoE", "MetaNet", "ALGORITHMS", "ADAPT_GROUPS", "plot_adaptation_curves"]  # the plot: moeparadigms.plots

@@ -19,7 +19,8 @@ from ..checkpoint import safe_load
 def evaluate(ckpt: str | Path, episodes: int = 10, *, env_id: str | None = None, video_dir: str | Path | None = None,
              seed: int = 0, deterministic: bool = True) -> list[float]:
     """Returns of ``episodes`` episodes of the greedy (or sampled) policy in ``ckpt``."""
-    from .rl import PPO, make_env
+    from ..benchmarks.gym import make_env, play_episodes
+    from .rl import PPO
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes!r}")
@@ -41,17 +42,10 @@ def evaluate(ckpt: str | Path, episodes: int = 10, *, env_id: str | None = None,
         except ImportError as e:
             raise RuntimeError("recording videos needs moviepy: pip install 'moeparadigms[rl]'") from e
         env = gym.wrappers.RecordVideo(env, str(video_dir), episode_trigger=lambda i: True, disable_logger=True)
-    returns = []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        done, total = False, 0.0
-        while not done:
-            action = model.act(np.asarray(obs)[None], deterministic=deterministic)[0]
-            obs, r, term, trunc, _ = env.step(action)
-            total += float(r)
-            done = term or trunc
-        returns.append(total)
-    env.close()
+    try:
+        returns, _ = play_episodes(env, lambda o: model.act(o[None], deterministic=deterministic)[0], episodes, seed=seed)
+    finally:
+        env.close()
     return returns
 
 

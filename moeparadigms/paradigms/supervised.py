@@ -1,42 +1,56 @@
 """Supervised classification with an MoE network: the smallest paradigm, and the CLI's smoke test."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from ..checkpoint import check_compatible, hparams_ignore, store_module_configs
+from ..benchmarks.specs import SupervisedSpec
+from ..checkpoint import hparams_ignore, store_module_configs
 from ..core import MoE
 from ..nets import MoEMLP
-from .logging import RoutingLog, plot_expert_load
+from ..plots import plot_expert_load
+from .base import OptimizerCallable, ParadigmModule
+from .logging import RoutingLog
 
 
-class MoEClassifier(pl.LightningModule):
+class MoEClassifier(ParadigmModule):
     """``MoEMLP`` classifier trained with cross-entropy plus the MoE auxiliary losses.
 
     Args:
-        in_features: input width (inputs are flattened).
+        in_features: input width (inputs are flattened); with ``num_classes``, None takes both from the
+            DataModule's :class:`~moeparadigms.benchmarks.specs.SupervisedSpec` at ``setup``.
         num_classes: number of classes.
         moe: the MoE layer of the first block (``d_model`` sets the network width).
         depth: number of residual MoE blocks.
-        lr, weight_decay: AdamW settings.
+        lr, weight_decay: AdamW settings (decoupled weight decay), the default optimizer.
+        optimizer: a LightningCLI optimizer config replacing the default ``AdamW(lr, weight_decay)``.
     """
 
-    def __init__(self, *, in_features: int, num_classes: int, moe: MoE, depth: int = 1, lr: float = 3e-3,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__()
-        if num_classes < 2:
+    checkpoint_key = "supervised"
+    spec_type = SupervisedSpec
+
+    def __init__(self, *, in_features: int | None = None, num_classes: int | None = None, moe: MoE, depth: int = 1,
+                 lr: float = 3e-3, weight_decay: float = 0.0, optimizer: OptimizerCallable | None = None) -> None:
+        super().__init__(optimizer=optimizer)
+        if num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if (in_features is None) != (num_classes is None):
+            raise ValueError("give both in_features and num_classes, or neither (then they come from the data's spec)")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        self.save_hyperparameters(ignore=hparams_ignore("moe"))
+        self.save_hyperparameters(ignore=hparams_ignore("moe", "optimizer"))
         store_module_configs(self, moe=moe)
-        self.net = MoEMLP(in_features=in_features, out_features=num_classes, moe=moe, depth=depth)
-        self.acc = nn.ModuleDict({s: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for s in ("train_", "val", "test")})
+        self.moe = moe
+        if in_features is not None and num_classes is not None:
+            self.build(SupervisedSpec(in_features=in_features, num_classes=num_classes))
+
+    def _build(self, spec: SupervisedSpec) -> None:
+        self.net = MoEMLP(in_features=spec.in_features, out_features=spec.num_classes, moe=self.moe, depth=self.hparams.depth)
+        self.moe = None  # owned by the network from here on (one parameter path)
+        C = spec.num_classes
+        self.acc = nn.ModuleDict({s: torchmetrics.Accuracy(task="multiclass", num_classes=C) for s in ("train_", "val", "test")})
         experts = [m.num_experts for m in self.net.moe_layers()]
         self.routing = nn.ModuleDict({s: RoutingLog(experts) for s in ("train_", "val", "test")})
 
@@ -85,16 +99,13 @@ class MoEClassifier(pl.LightningModule):
     def on_fit_end(self) -> None:
         """Write the last validation epoch's expert load (one row per MoE layer) beside the logs."""
         loads = getattr(self, "val_expert_load", None)
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
-        if not loads or not self.trainer.is_global_zero or log_dir is None:
+        folder = self.plot_dir()
+        if not loads or folder is None:
             return
-        path = Path(log_dir) / "expert_load.png"
-        self.plot_paths = [plot_expert_load(loads, path, title=f"validation expert load after {self.current_epoch} epochs")]
+        title = f"validation expert load after {self.current_epoch} epochs"
+        self.plot_paths.append(plot_expert_load(loads, folder / "expert_load.png", title=title))
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_compatible(self, checkpoint, hparams=dict(self.hparams))
-
-    def configure_optimizers(self):
+    def default_optimizer(self, params):
         # fused: one kernel for every parameter instead of a Python loop over them (torch's CPU default is the
         # loop, ~3 ms a step for these small networks, more than their forward)
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True)

@@ -68,7 +68,7 @@ def test_bad_input_mismatched_router_and_experts():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: MLPExperts(d_model=0, hidden=4, num_experts=2), "d_model must be a positive integer, got 0"),
+        (lambda: MLPExperts(d_model=0, hidden=4, num_experts=2), "d_model must be an integer >= 1, got 0"),
         (lambda: MLPExperts(d_model=8, hidden=4, num_experts=2, backend="cuda"), "backend='cuda'"),
         (lambda: TopKRouter(d_model=8, num_experts=4, temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
         (lambda: TaskConditionedRouter(d_model=8, num_experts=4, num_tasks=2, conditioning="film"), "conditioning='film'"),

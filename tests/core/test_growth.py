@@ -177,7 +177,7 @@ def test_growth_bad_arguments():
         moe.add_experts(1, init="clone")
     with pytest.raises(ValueError, match="source expert 9 out of range"):
         moe.add_experts(1, init="copy", source=[9])
-    with pytest.raises(ValueError, match="n must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got 0"):
         moe.add_experts(0)
     with pytest.raises(ValueError, match="expert id 5 out of range"):
         moe.freeze_experts([5])

@@ -268,7 +268,7 @@ def test_bad_inputs_raise_clear_errors():
         MultiTaskMoE(in_features=F_IN, tasks=TINY_TASKS, architecture=MMoE(), balancing="gradnorm")
     with pytest.raises(ValueError, match="task_weights"):
         MultiTaskMoE(in_features=F_IN, tasks=TINY_TASKS, architecture=MMoE(), task_weights=[1.0])
-    with pytest.raises(ValueError, match="num_experts must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="num_experts must be an integer >= 1, got 0"):
         MMoE(num_experts=0)
     with pytest.raises(ValueError, match="top_k=5 must be <= num_experts=4"):
         TaskMoE(num_experts=4, top_k=5)
