@@ -8,14 +8,14 @@
           init_args: {init_from: dense.ckpt, num_experts: 8, top_k: 2, init: copy}
 
 The config builds the *dense* model (e.g. the supervised ``MoEClassifier``, a PPO policy or the continual module with
-``num_experts: 1``). In
+``num_experts: 1``, the multi-task ``TaskMoE`` architecture with ``num_experts: 1, top_k: 1``). In
 ``setup`` (before ``configure_optimizers``, before a ``--ckpt_path`` is restored) the callback loads the dense
 weights from ``init_from`` with :func:`moeparadigms.checkpoint.safe_load` (``weights_only=True``) and upcycles
 the module (:func:`~moeparadigms.lifecycle.upcycle`). What it did is written into every checkpoint:
 
 * ``checkpoint["upcycle"]``: the :class:`~moeparadigms.lifecycle.UpcycleReport` (plain values);
 * the hyperparameters: every single-expert ``moeparadigms.core.MoE`` config found in them (``class_path`` /
-  ``init_args`` dicts, as LightningCLI saves them) is rewritten to the upcycled router and expert count, so
+  ``init_args`` dicts, as LightningCLI saves them) and every single-expert ``TaskMoE`` architecture is rewritten to the upcycled router and expert count, so
   ``Module.load_from_checkpoint(path)`` rebuilds the upcycled model from the file alone.
 
 When a run resumes or tests from a checkpoint (``trainer.ckpt_path`` set), the dense weights are not read: the
@@ -30,9 +30,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from ..checkpoint import check_compatible, safe_load
-from .upcycle import UpcycleInit, UpcycleReport, _check, upcycle
+from ..core import TaskConditionedRouter
+from .upcycle import UpcycleInit, UpcycleReport, check_upcycle_args, upcycle
 
 _MOE = "moeparadigms.core.MoE"
+_TASK_MOE = ("moeparadigms.paradigms.multitask.TaskMoE", "moeparadigms.paradigms.multitask_nets.TaskMoE")
 _STACKED = ("moeparadigms.core.MLPExperts", "moeparadigms.core.GLUExperts",
             "moeparadigms.core.experts.MLPExperts", "moeparadigms.core.experts.GLUExperts")
 
@@ -48,7 +50,7 @@ class Upcycle(Callback):
 
     def __init__(self, *, init_from: str, num_experts: int, top_k: int = 2, init: UpcycleInit = "copy",
                  drop_ratio: float = 0.5, seed: int | None = 0) -> None:
-        _check(num_experts, top_k, init, drop_ratio)
+        check_upcycle_args(num_experts, top_k, init, drop_ratio)
         if not init_from:
             raise ValueError(f"init_from must be the path of a dense checkpoint, got {init_from!r}")
         self.init_from, self.num_experts, self.top_k = str(init_from), num_experts, top_k
@@ -63,6 +65,11 @@ class Upcycle(Callback):
             # continual module from the stream), which Lightning runs after the callbacks': build them now (their
             # setup is idempotent, so Lightning's later call finds them built)
             pl_module.setup(stage)
+        if self.top_k == 1 and any(isinstance(m, TaskConditionedRouter) for m in pl_module.modules()):
+            # the upcycled router renormalises (the dense output at step 0); a TaskMoE config of top_k 1 rebuilds
+            # it without renormalising, so the checkpoint would not reload as the model that was trained
+            raise ValueError("Upcycle top_k=1 of a task-conditioned MoE (Task-MoE) does not reload from its config; "
+                             "use top_k >= 2")
         if getattr(trainer, "ckpt_path", None) is None:
             self._load_dense(pl_module)
         _, report = upcycle(pl_module, num_experts=self.num_experts, top_k=self.top_k, init=self.init,
@@ -109,6 +116,10 @@ def upcycled_hparams(hp: Any, num_experts: int, top_k: int) -> Any:
         return hp
     out = {k: upcycled_hparams(v, num_experts, top_k) for k, v in hp.items()}
     args = out.get("init_args")
+    if out.get("class_path") in _TASK_MOE and isinstance(args, dict) and args.get("num_experts") == 1:
+        # the multi-task Task-MoE architecture: its blocks' TaskConditionedRouters are built from these two values
+        out["init_args"] = dict(args, num_experts=num_experts, top_k=top_k)
+        return out
     if out.get("class_path") == _MOE and isinstance(args, dict):
         router, experts = args.get("router"), args.get("experts")
         if (isinstance(router, dict) and isinstance(experts, dict) and experts.get("class_path") in _STACKED

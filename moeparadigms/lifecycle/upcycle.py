@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..core import FFN, GLUExperts, MLPExperts, MoE, MoEOutput, TopKRouter
+from ..core import FFN, GLUExperts, MLPExperts, MoE, MoEOutput, TaskConditionedRouter, TopKRouter
 
 Stacked = MLPExperts | GLUExperts  # the core's stacked banks: weights W1 (E, D, H or 2H), W2 (E, H, D)
 
@@ -93,7 +93,7 @@ def aux_loss(module: nn.Module) -> Tensor:
     return total
 
 
-def _check(num_experts: int, top_k: int, init: str, drop_ratio: float) -> None:
+def check_upcycle_args(num_experts: int, top_k: int, init: str, drop_ratio: float) -> None:
     if not isinstance(num_experts, int) or num_experts < 2:
         raise ValueError(f"num_experts must be an integer >= 2 (the number of experts after upcycling), got {num_experts!r}")
     if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -154,7 +154,17 @@ def drop_reinit_(bank: Stacked, drop_ratio: float, generator: torch.Generator) -
 
 
 def _new_moe(bank: Stacked, top_k: int, *, like: MoE | None, moe_kwargs: dict) -> MoE:
-    router = TopKRouter(d_model=bank.d_model, num_experts=bank.num_experts, top_k=top_k, renormalize=True)
+    old = None if like is None else like.router
+    if isinstance(old, TaskConditionedRouter):
+        # a task-conditioned layer stays task-conditioned (multi-task Task-MoE): the same conditioning, the dense
+        # model's learned task embedding kept, fresh gate rows (any renormalised gates give the dense output at step 0)
+        router: TopKRouter = TaskConditionedRouter(
+            d_model=bank.d_model, num_experts=bank.num_experts, num_tasks=old.num_tasks, top_k=top_k,
+            conditioning=old.conditioning, task_dim=old.task_dim, temperature=old.temperature, renormalize=True)
+        if old.conditioning != "gate":
+            router.task_embedding.load_state_dict(old.task_embedding.state_dict())
+    else:
+        router = TopKRouter(d_model=bank.d_model, num_experts=bank.num_experts, top_k=top_k, renormalize=True)
     router = router.to(bank.w1.block0.device, bank.w1.block0.dtype)
     if like is not None:
         kw = dict(shared_experts=like.shared_experts, capacity_factor=like.capacity_factor,
@@ -228,7 +238,9 @@ def upcycle(
         module: any module; its convertible submodules are replaced in place. If ``module`` itself is a dense
             block, the returned module is a new :class:`UpcycledFFN`.
         num_experts: experts per upcycled layer (>= 2).
-        top_k: experts per token; the router is a :class:`~moeparadigms.core.TopKRouter` with
+        top_k: experts per token; the router is a :class:`~moeparadigms.core.TopKRouter` (a
+            :class:`~moeparadigms.core.TaskConditionedRouter` of the same conditioning, keeping the task embedding,
+            where the single-expert layer had one) with
             ``renormalize=True`` (also for ``top_k=1``, where each gate is then exactly 1 and the router learns
             from the auxiliary losses only), which keeps the step-0 output of ``init="copy"`` equal to the dense
             block's.
@@ -240,7 +252,7 @@ def upcycle(
     Returns:
         ``(module, report)``: the converted module and an :class:`UpcycleReport`.
     """
-    _check(num_experts, top_k, init, drop_ratio)
+    check_upcycle_args(num_experts, top_k, init, drop_ratio)
     report = UpcycleReport(num_experts, top_k, init, float(drop_ratio), seed)
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -249,19 +261,37 @@ def upcycle(
     if seed is not None:
         torch.manual_seed(seed)  # the new routers' rows are drawn from the global RNG
     try:
-        return _walk(module, "", num_experts, top_k, init, drop_ratio, gen, kwargs, report), report
+        return _walk(module, "", num_experts, top_k, init, drop_ratio, gen, kwargs, report, {}), report
     finally:
         if seed is not None:
             torch.random.set_rng_state(state)
 
 
 def _walk(m: nn.Module, name: str, E: int, k: int, init: str, r: float, gen: torch.Generator, kwargs: dict,
-          report: UpcycleReport) -> nn.Module:
+          report: UpcycleReport, done: dict[int, nn.Module]) -> nn.Module:
+    """``m`` with its dense blocks converted. ``done`` maps converted modules (by id) to their replacement: a block
+    registered under two names (a paradigm keeping ``self.moe`` beside ``self.block.moe``) becomes one MoE."""
+    if id(m) in done:
+        return done[id(m)]
+    new = _convert_one(m, name, E, k, init, r, gen, kwargs, report)
+    if new is not None:
+        done[id(m)] = new
+        return new
+    for child_name, child in list(m.named_children()):
+        new = _walk(child, f"{name}.{child_name}" if name else child_name, E, k, init, r, gen, kwargs, report, done)
+        if new is not child:
+            setattr(m, child_name, new)
+    return m
+
+
+def _convert_one(m: nn.Module, name: str, E: int, k: int, init: str, r: float, gen: torch.Generator, kwargs: dict,
+                 report: UpcycleReport) -> nn.Module | None:
+    """The upcycled replacement of ``m`` when ``m`` itself is a convertible block, else None."""
     if isinstance(m, MoE):
         dense, why = _from_moe(m)
         if dense is None:
             report.skipped.append(f"{name or '<root>'}: {why}")
-            return m
+            return None
         report.converted.append(name)
         return _convert(dense, E, k, init, r, gen, m, kwargs)
     if isinstance(m, FFN):
@@ -273,11 +303,7 @@ def _walk(m: nn.Module, name: str, E: int, k: int, init: str, r: float, gen: tor
             report.converted.append(name)
             return UpcycledFFN(_convert(dense, E, k, init, r, gen, None, kwargs))
         report.skipped.append(f"{name or '<root>'}: {why}")
-    for child_name, child in list(m.named_children()):
-        new = _walk(child, f"{name}.{child_name}" if name else child_name, E, k, init, r, gen, kwargs, report)
-        if new is not child:
-            setattr(m, child_name, new)
-    return m
+    return None
 
 
 __all__ = ["upcycle", "drop_reinit_", "UpcycleReport", "UpcycledFFN", "aux_loss", "UpcycleInit"]

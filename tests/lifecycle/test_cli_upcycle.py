@@ -146,3 +146,134 @@ def test_a_trained_one_expert_ppo_policy_starts_an_upcycled_run_from_yaml(tmp_pa
     policy = PPO.load_from_checkpoint(up_ckpt)
     assert policy.actor.block.moe.num_experts == 8 and policy.critic.block.moe.num_experts == 8
     assert all(torch.equal(v, ck["state_dict"][k]) for k, v in policy.state_dict().items())
+
+
+def _yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _upcycle_cb(path: Path, ckpt: Path, num_experts: int, top_k: int = 2) -> Path:
+    return _yaml(path, {"trainer": {"callbacks": [{"class_path": "moeparadigms.lifecycle.Upcycle", "init_args": {
+        "init_from": str(ckpt), "num_experts": num_experts, "top_k": top_k, "seed": 0}}]}})
+
+
+def _cli(stage: str, root: Path, *args: str) -> None:
+    main([stage, *args, f"--trainer.default_root_dir={root}", "--trainer.logger=false",
+          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+
+
+CONTINUAL_TASK = ROOT / "tasks" / "continual" / "split_digits.yaml"
+CONTINUAL_FIXED = ROOT / "configs" / "continual" / "fixed.yaml"
+CONTINUAL_ONE = ["--model.init_args.moe.init_args.router.init_args.num_experts=1",
+                 "--model.init_args.moe.init_args.router.init_args.top_k=1"]
+# a short stream: 2 experiences x 1 epoch, a few batches each
+CONTINUAL_SHORT = ["--data.init_args.n_experiences=2", "--data.init_args.epochs_per_experience=1", "--trainer.max_epochs=2",
+                   "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
+
+
+def test_a_trained_dense_continual_backbone_starts_an_upcycled_stream_from_yaml(tmp_path):
+    """The continual module builds from the stream in its own setup: the callback builds it, loads the one-expert
+    backbone trained on the stream, and upcycles it into 4 experts; the checkpoint reloads from its file alone and
+    tests through the CLI."""
+    from moeparadigms.paradigms.continual import ContinualMoE
+
+    base = ["--config", str(CONTINUAL_TASK), "--config", str(CONTINUAL_FIXED), *CONTINUAL_ONE, *CONTINUAL_SHORT]
+    _cli("fit", tmp_path / "dense", *base)
+    dense_ckpt = next((tmp_path / "dense").rglob("last.ckpt"))
+    up = _upcycle_cb(tmp_path / "up.yaml", dense_ckpt, num_experts=4)
+    _cli("fit", tmp_path / "up", *base, "--config", str(up))
+    up_ckpt = next((tmp_path / "up").rglob("last.ckpt"))
+    ck, dense = safe_load(up_ckpt), safe_load(dense_ckpt)
+    # the module keeps its MoE under two names (moe, block.moe): one layer, converted once
+    assert ck["upcycle"]["converted"] == ["moe"] and ck["upcycle"]["num_experts"] == 4
+    assert dense["state_dict"]["block.moe.experts.w1.weight"].shape[0] == 1
+    assert ck["state_dict"]["block.moe.experts.w1.weight"].shape[0] == 4
+    # the dense input layer was loaded and then trained on (FixedExperts freezes nothing)
+    assert not torch.equal(ck["state_dict"]["inp.weight"], dense["state_dict"]["inp.weight"])
+    model = ContinualMoE.load_from_checkpoint(up_ckpt)
+    assert model.moe.num_experts == 4 and model.moe.router.top_k == 2 and model.block.moe is model.moe
+    assert all(torch.equal(v, ck["state_dict"][k]) for k, v in model.state_dict().items())
+    _cli("test", tmp_path / "test", *base, "--config", str(up), "--ckpt_path", str(up_ckpt), "--trainer.limit_test_batches=1")
+
+
+def test_upcycled_continual_model_equals_the_dense_backbone_at_step0(tmp_path):
+    from moeparadigms.paradigms.continual import ContinualMoE
+
+    base = ["--config", str(CONTINUAL_TASK), "--config", str(CONTINUAL_FIXED), *CONTINUAL_ONE, *CONTINUAL_SHORT]
+    _cli("fit", tmp_path / "dense", *base)
+    dense_ckpt = next((tmp_path / "dense").rglob("last.ckpt"))
+    dense, fresh = ContinualMoE.load_from_checkpoint(dense_ckpt), ContinualMoE.load_from_checkpoint(dense_ckpt)
+    Upcycle(init_from=str(dense_ckpt), num_experts=4, top_k=2).setup(SimpleNamespace(ckpt_path=None), fresh, "fit")
+    assert fresh.moe.num_experts == 4 and fresh.block.moe is fresh.moe
+    dense.eval(), fresh.eval()
+    x = torch.rand(64, dense.in_features)
+    # log-probabilities reach -200 for classes not seen yet (fp32 spacing 1.5e-5 there): probabilities to 1e-6
+    # absolute, log-probabilities to 1e-6 relative
+    assert (fresh(x).exp() - dense(x).exp()).abs().max().item() <= 1e-6
+    torch.testing.assert_close(fresh(x), dense(x), rtol=1e-6, atol=1e-6)
+
+
+META_TASK = ROOT / "tasks" / "meta" / "sinusoid.yaml"
+META_MOE = ROOT / "configs" / "meta" / "moe_fomaml.yaml"
+META_ONE = ["--model.init_args.moe.init_args.router.init_args.num_experts=1",
+            "--model.init_args.moe.init_args.router.init_args.top_k=1",
+            "--model.init_args.moe.init_args.experts.init_args.num_experts=1"]
+META_SHORT = ["--data.init_args.meta_iterations=4", "--data.init_args.meta_batch_size=2",
+              "--data.init_args.num_test_tasks=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1"]
+
+
+def test_a_trained_dense_meta_learner_starts_an_upcycled_meta_training_from_yaml(tmp_path):
+    from moeparadigms.paradigms.meta import MetaMoE
+
+    base = ["--config", str(META_TASK), "--config", str(META_MOE), *META_ONE, *META_SHORT]
+    _cli("fit", tmp_path / "dense", *base)
+    dense_ckpt = next((tmp_path / "dense").rglob("last.ckpt"))
+    up = _upcycle_cb(tmp_path / "up.yaml", dense_ckpt, num_experts=4)
+    _cli("fit", tmp_path / "up", *base, "--config", str(up))
+    up_ckpt = next((tmp_path / "up").rglob("last.ckpt"))
+    ck = safe_load(up_ckpt)
+    assert ck["upcycle"]["num_experts"] == 4 and ck["upcycle"]["converted"]
+    model = MetaMoE.load_from_checkpoint(up_ckpt)
+    assert [m.num_experts for m in model.modules() if type(m).__name__ == "MoE"] == [4]
+    assert all(torch.equal(v, ck["state_dict"][k]) for k, v in model.state_dict().items())
+
+
+MT_TASK = ROOT / "tasks" / "multitask" / "mmoe_synthetic.yaml"
+MT_TASK_MOE = ROOT / "configs" / "multitask" / "task_moe.yaml"
+MT_ONE = ["--model.init_args.architecture.init_args.num_experts=1", "--model.init_args.architecture.init_args.top_k=1"]
+MT_SHORT = ["--data.init_args.n_train=256", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1"]
+
+
+def test_a_trained_dense_task_moe_starts_an_upcycled_multitask_run_from_yaml(tmp_path):
+    """Task-MoE trained with one expert (a dense residual trunk) upcycles into 4 task-conditioned experts: the
+    routers stay task-conditioned with the trained task embedding, the output equals the dense model's at step 0,
+    and the checkpoint reloads as the 4-expert Task-MoE from its file alone."""
+    from moeparadigms.core import TaskConditionedRouter
+    from moeparadigms.paradigms.multitask import MultiTaskMoE
+
+    base = ["--config", str(MT_TASK), "--config", str(MT_TASK_MOE), *MT_ONE, *MT_SHORT]
+    _cli("fit", tmp_path / "dense", *base)
+    dense_ckpt = next((tmp_path / "dense").rglob("last.ckpt"))
+
+    dense, fresh = MultiTaskMoE.load_from_checkpoint(dense_ckpt), MultiTaskMoE.load_from_checkpoint(dense_ckpt)
+    Upcycle(init_from=str(dense_ckpt), num_experts=4, top_k=2).setup(SimpleNamespace(ckpt_path=None), fresh, "fit")
+    routers = [m for m in fresh.modules() if isinstance(m, TaskConditionedRouter)]
+    assert routers and all(r.num_experts == 4 and r.top_k == 2 for r in routers)
+    dense.eval(), fresh.eval()
+    x = torch.randn(32, 100)
+    assert max((a - b).abs().max().item() for a, b in zip(fresh(x), dense(x), strict=True)) <= 1e-6
+    with pytest.raises(ValueError, match="top_k >= 2"):
+        Upcycle(init_from=str(dense_ckpt), num_experts=4, top_k=1).setup(
+            SimpleNamespace(ckpt_path=None), MultiTaskMoE.load_from_checkpoint(dense_ckpt), "fit")
+
+    up = _upcycle_cb(tmp_path / "up.yaml", dense_ckpt, num_experts=4)
+    _cli("fit", tmp_path / "up", *base, "--config", str(up))
+    up_ckpt = next((tmp_path / "up").rglob("last.ckpt"))
+    ck = safe_load(up_ckpt)
+    assert ck["upcycle"]["num_experts"] == 4 and ck["upcycle"]["converted"]
+    assert ck["hyper_parameters"]["architecture"]["init_args"]["num_experts"] == 4
+    model = MultiTaskMoE.load_from_checkpoint(up_ckpt)
+    assert all(r.num_experts == 4 and r.renormalize for r in model.modules() if isinstance(r, TaskConditionedRouter))
+    assert all(torch.equal(v, ck["state_dict"][k]) for k, v in model.state_dict().items())

@@ -144,3 +144,17 @@ def test_a_built_ppo_actor_critic_with_one_expert_upcycles_exactly():
     _, report = upcycle(ppo, num_experts=4, top_k=2, seed=0)
     assert report.converted == ["actor.block.moe", "critic.block.moe"]
     assert (ppo.actor(x)[0] - ref[0]).abs().max() <= 1e-6 and (ppo.critic(x)[0] - ref[1]).abs().max() <= 1e-6
+
+
+def test_a_block_registered_under_two_names_is_upcycled_once():
+    """A module holding the same single-expert MoE as ``self.moe`` and inside ``self.block`` (the continual
+    paradigm does) gets one upcycled layer under both names, reported once."""
+    from moeparadigms.core import MLPExperts, MoE, TopKRouter
+    from moeparadigms.lifecycle import upcycle
+
+    moe = MoE(router=TopKRouter(d_model=8, num_experts=1, top_k=1), experts=MLPExperts(d_model=8, hidden=16, num_experts=1))
+    holder = torch.nn.Module()
+    holder.moe, holder.block = moe, torch.nn.Sequential(moe)
+    _, report = upcycle(holder, num_experts=4, top_k=2, seed=0)
+    assert report.converted == ["moe"]
+    assert holder.block[0] is holder.moe and holder.moe.num_experts == 4
