@@ -75,17 +75,22 @@ def multimodal(x: Tensor, mode: Tensor, p: Tensor) -> Tensor:
 
 
 class _MetaBatches(Dataset):
-    """``length`` meta-batches; item ``i`` is drawn from a generator seeded by ``(seed, i)``."""
+    """``length`` meta-batches of ``tasks`` tasks; item ``i`` is drawn from a generator seeded by ``(seed, i)``.
+    With ``total``, the last batch holds only the tasks left (``total`` tasks in all, not ``length * tasks``)."""
 
-    def __init__(self, dm: EpisodicDataModule, length: int, seed: int, tasks: int, split: str) -> None:
-        self.dm, self.length, self.seed, self.tasks, self.split = dm, length, seed, tasks, split
+    def __init__(self, dm: EpisodicDataModule, length: int, seed: int, tasks: int, split: str,
+                 total: int | None = None) -> None:
+        self.dm, self.length, self.seed, self.tasks, self.split, self.total = dm, length, seed, tasks, split, total
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> Batch:
+        if not 0 <= i < self.length:
+            raise IndexError(f"meta-batch {i} out of range ({self.length})")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        return self.dm.sample_tasks(self.tasks, g, self.split)
+        n = self.tasks if self.total is None else min(self.tasks, self.total - i * self.tasks)
+        return self.dm.sample_tasks(n, g, self.split)
 
 
 class EpisodicDataModule(pl.LightningDataModule):
@@ -128,7 +133,8 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     def _eval(self) -> DataLoader:
         n_batches = math.ceil(self.num_test_tasks / self.eval_batch_size)
-        data = _MetaBatches(self, n_batches, self.seed + 10_000, self.eval_batch_size, "test")
+        # exactly num_test_tasks tasks (600 in batches of 100 or of 128 alike: the CIs are over the tasks asked for)
+        data = _MetaBatches(self, n_batches, self.seed + 10_000, self.eval_batch_size, "test", total=self.num_test_tasks)
         return DataLoader(data, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

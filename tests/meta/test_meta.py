@@ -258,3 +258,12 @@ def test_bench_meta_full(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_meta.py"), "--out", str(out), "--plots", str(tmp_path / "plots")],
                    check=True, cwd=ROOT)
     assert len(json.loads(out.read_text())["records"]) > 0
+
+
+@pytest.mark.parametrize("num_test_tasks, eval_batch_size, sizes", [(4, 100, [4]), (250, 100, [100, 100, 50]), (600, 100, [100] * 6)])
+def test_evaluation_serves_exactly_num_test_tasks(num_test_tasks, eval_batch_size, sizes):
+    """The evaluation set is num_test_tasks tasks, not whole batches of eval_batch_size (4 tasks asked: 4 served)."""
+    dm = SinusoidTasks(shots=5, meta_batch_size=2, meta_iterations=2, num_test_tasks=num_test_tasks,
+                       eval_batch_size=eval_batch_size)
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        assert [b[0].shape[0] for b in loader] == sizes
