@@ -18,16 +18,25 @@ def switch_load_balance_loss(probs_TE: Tensor, expert_A: Tensor, num_experts: in
     taken from (e.g. summed over data-parallel ranks: the global-batch balance of Qiu et al. 2025);
     by default they are counted from ``expert_A``.
     """
+    # a dot product of the counts with the summed probabilities, scaled once: a handful of ops, since at the
+    # small batches of RL and meta-learning every op costs more than its arithmetic (BENCHMARKS "Small batches")
+    dtype = probs_TE.dtype
     if counts_E is None:
         counts_E = torch.bincount(expert_A, minlength=num_experts)
-    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1).to(probs_TE.dtype)
-    P_E = probs_TE.sum(0) / max(probs_TE.shape[0], 1)  # no tokens: P = 0 and the loss is 0, not NaN
-    return num_experts * torch.sum(f_E * P_E)
+        total: Tensor | float = float(max(expert_A.numel(), 1))
+    else:
+        total = counts_E.sum().clamp_min(1).to(dtype)
+    # no tokens: P = 0 and the loss is 0, not NaN
+    scale = num_experts / max(probs_TE.shape[0], 1)
+    if isinstance(total, float):
+        return torch.dot(counts_E.to(dtype), probs_TE.sum(0)) * (scale / total)
+    return torch.dot(counts_E.to(dtype), probs_TE.sum(0)) * scale / total
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2 (0 for no tokens)."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / max(logits_TE.shape[0], 1)
+    lse_T = torch.logsumexp(logits_TE if logits_TE.dtype == torch.float32 else logits_TE.float(), dim=-1)
+    return torch.dot(lse_T, lse_T) / max(logits_TE.shape[0], 1)
 
 
 def cv_squared(v: Tensor, eps: float = 1e-10) -> Tensor:
