@@ -9,28 +9,30 @@ import torch
 from torch import Tensor
 
 
-def switch_load_balance_loss(probs_TE: Tensor, expert_A: Tensor, num_experts: int, *, counts_E: Tensor | None = None) -> Tensor:
+def switch_load_balance_loss(
+    probs_TE: Tensor, expert_A: Tensor, num_experts: int, *, counts_E: Tensor | None = None, assigned: int | None = None
+) -> Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
     ``E * sum_i f_i * P_i`` with ``f_i`` the fraction of assignments routed to expert i (before any
     capacity dropping) and ``P_i`` the mean router probability of expert i. Equals 1 when both are
     uniform; only ``P`` carries gradient. ``counts_E``, if given, are the assignment counts ``f`` is
     taken from (e.g. summed over data-parallel ranks: the global-batch balance of Qiu et al. 2025);
-    by default they are counted from ``expert_A``.
+    by default they are counted from ``expert_A``. ``assigned``: the sum of ``counts_E`` when the caller
+    knows it (saves a reduction); by default it is summed.
     """
     # a dot product of the counts with the summed probabilities, scaled once: a handful of ops, since at the
     # small batches of RL and meta-learning every op costs more than its arithmetic (BENCHMARKS "Small batches")
     dtype = probs_TE.dtype
     if counts_E is None:
         counts_E = torch.bincount(expert_A, minlength=num_experts)
-        total: Tensor | float = float(max(expert_A.numel(), 1))
-    else:
-        total = counts_E.sum().clamp_min(1).to(dtype)
+        assigned = expert_A.numel()
     # no tokens: P = 0 and the loss is 0, not NaN
     scale = num_experts / max(probs_TE.shape[0], 1)
-    if isinstance(total, float):
-        return torch.dot(counts_E.to(dtype), probs_TE.sum(0)) * (scale / total)
-    return torch.dot(counts_E.to(dtype), probs_TE.sum(0)) * scale / total
+    dot = torch.dot(counts_E.to(dtype), probs_TE.sum(0))
+    if assigned is not None:
+        return dot * (scale / max(assigned, 1))
+    return dot * scale / counts_E.sum().clamp_min(1).to(dtype)
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
