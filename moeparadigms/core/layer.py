@@ -163,7 +163,7 @@ class MoE(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"input last dim must equal d_model={self.d_model}, got input shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x_TD = x.reshape(-1, self.d_model)
+        x_TD = x if x.dim() == 2 else x.reshape(-1, self.d_model)  # no view node for the common 2-D input
         task_id_T = self._task_ids(task_id, lead, x.device)
         grad = torch.is_grad_enabled()
         want_aux, want_stats = grad or self.aux_in_inference, grad or self.stats_in_inference
@@ -181,7 +181,7 @@ class MoE(nn.Module):
         aux = self.weighted_aux_loss(losses) if losses else torch.zeros((), device=x_TD.device)
         if aux.device != x_TD.device:
             aux = aux.to(x_TD.device)
-        y = y_TD.reshape(*lead, y_TD.shape[-1])
+        y = y_TD if x.dim() == 2 else y_TD.reshape(*lead, y_TD.shape[-1])
         return MoEOutput(y if y.dtype == x.dtype else y.to(x.dtype), aux, losses, stats)
 
     def _task_ids(self, task_id: int | Tensor | None, lead: torch.Size, device: torch.device) -> Tensor | None:
@@ -231,7 +231,7 @@ class MoE(nn.Module):
                 if y_TD.dtype != x_TD.dtype:
                     y_TD = y_TD.to(x_TD.dtype)
             # counted only when a loss or the statistics read them
-            counts = torch.bincount(routing.expert_A.detach(), minlength=E) if want_aux or want_stats else None
+            counts = torch.bincount(routing.expert_A, minlength=E) if want_aux or want_stats else None
             dropped, total = None, routing.expert_A.numel()
         elif routing.ids_TK is not None and routing.weights_TK is not None and not self.experts.plain_autograd:
             # token choice: sorting is a permutation of the T*K choices, both directions are plain gathers
@@ -262,8 +262,8 @@ class MoE(nn.Module):
             return y_TD, losses, None
         assert counts is not None
         stats = RoutingStats(
-            counts.detach(),
-            counts.new_zeros(()) if dropped is None else dropped.detach(),
+            counts,  # integer tensors: never part of a graph
+            counts.new_zeros(()) if dropped is None else dropped,
             torch.scalar_tensor(total, dtype=torch.long),
             self._entropy(routing.probs_TE, routing.weight_A),
             torch.scalar_tensor(x_TD.shape[0], dtype=torch.long),

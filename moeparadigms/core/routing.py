@@ -66,9 +66,28 @@ def _token_A_set(self: Routing, value: Tensor | None) -> None:
     self.__dict__["_token_A"] = value
 
 
+def _probs_get(self: Routing) -> Tensor | None:
+    p = self.__dict__["_probs_TE"]
+    if p is None and self.__dict__.get("_probs_are_softmax") and self.logits_TE is not None:
+        p = self.__dict__["_probs_TE"] = torch.softmax(self.logits_TE, dim=-1)
+    return p
+
+
+def _probs_set(self: Routing, value: Tensor | None) -> None:
+    self.__dict__["_probs_TE"] = value
+
+
 # token-choice assignments are token-major (token t's K choices at t*K .. t*K+K-1), so token_A is a function of
 # ids_TK: built lazily, since the paths that read it (the generic sort, the importance loss) are the rare ones
 Routing.token_A = property(_token_A_get, _token_A_set)  # type: ignore[assignment]
+# a router whose probabilities are softmax(logits) may leave them to be computed on first read (by the losses
+# or the statistics): an inference forward that reads neither never computes them
+Routing.probs_TE = property(_probs_get, _probs_set)  # type: ignore[assignment]
+
+
+def _softmax_probs_on_read(r: Routing) -> Routing:
+    r.__dict__["_probs_are_softmax"] = True
+    return r
 
 
 def _no_autocast(x: Tensor):
@@ -177,20 +196,16 @@ def _check_finite_logits(logits: Tensor, name: str = "router logits") -> None:
         )
 
 
-def _token_choice(
-    probs_TE: Tensor, top_k: int, renormalize: bool, select_TE: Tensor | None = None, clamp: bool = True
-) -> Routing:
-    """Top-k of ``select_TE`` (default: the probabilities); weights from ``probs_TE``. ``clamp=False``: the
-    chosen scores cannot sum to 0 (the top-k of a softmax sum to at least 1/E), so no guard. The Routing's
-    ``token_A`` is built on first read; logits and probabilities are for the caller to fill in."""
+def _token_choice(probs_TE: Tensor, top_k: int, renormalize: bool, select_TE: Tensor | None = None) -> Routing:
+    """Top-k of ``select_TE`` (default: the probabilities); weights from ``probs_TE``. The Routing's ``token_A``
+    is built on first read; logits and probabilities are for the caller to fill in."""
     if select_TE is None:
         weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
     else:
         ids_TK = torch.topk(select_TE, top_k, dim=-1).indices
         weights_TK = probs_TE.gather(-1, ids_TK)
     if renormalize:
-        s = weights_TK.sum(-1, keepdim=True)
-        weights_TK = weights_TK / (s.clamp_min(1e-20) if clamp else s)
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     return Routing(None, ids_TK.view(-1), weights_TK.view(-1), None, None, ids_TK=ids_TK, weights_TK=weights_TK)  # type: ignore[arg-type]
 
 
@@ -248,8 +263,16 @@ class TopKRouter(Router):
                 load_prob = _load_probabilities(clean, logits, std, self.top_k)
             if self.temperature != 1.0:
                 logits = logits / self.temperature
+            if self.renormalize:
+                # softmax over the k chosen logits = the chosen probabilities renormalised (the top-k of the
+                # logits are the top-k of the probabilities: softmax keeps the order), in two ops, and the
+                # full softmax only if the losses or statistics read probs_TE
+                vals_TK, ids_TK = torch.topk(logits, self.top_k, dim=-1)
+                w_TK = torch.softmax(vals_TK, dim=-1)
+                r = Routing(None, ids_TK.view(-1), w_TK.view(-1), logits, None, load_prob, ids_TK=ids_TK, weights_TK=w_TK)  # type: ignore[arg-type]
+                return _softmax_probs_on_read(r)
             probs = torch.softmax(logits, dim=-1)
-            r = _token_choice(probs, self.top_k, self.renormalize, clamp=False)
+            r = _token_choice(probs, self.top_k, False)
         r.logits_TE, r.probs_TE, r.load_prob_TE = logits, probs, load_prob
         return r
 

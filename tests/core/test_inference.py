@@ -148,3 +148,22 @@ def test_soft_router_inference_skips_z_loss():
     with torch.no_grad():
         out = moe(x)
     assert out.losses == {} and out.stats is None and torch.equal(out.y, full.y.detach())
+
+
+@pytest.mark.parametrize("router", ["topk2", "noisy-eval", "task-concat"])
+def test_topk_weights_from_the_chosen_logits_equal_renormalised_probabilities(router):
+    """Renormalising routers take softmax over the k chosen logits: the same experts and weights as the
+    top-k of softmax(logits) renormalised; probs_TE is that softmax, computed when first read."""
+    torch.manual_seed(4)
+    r = ROUTERS[router]().double().train(router == "noisy-eval")
+    x = torch.randn(50, D, dtype=torch.float64)
+    task = torch.randint(0, 3, (50,)) if isinstance(r, TaskConditionedRouter) else None
+    out = r(x, task_id_T=task)
+    assert out.__dict__["_probs_TE"] is None  # not computed yet
+    probs = torch.softmax(out.logits_TE, -1)
+    w, ids = torch.topk(probs, r.top_k, dim=-1)
+    assert torch.equal(out.ids_TK, ids)
+    torch.testing.assert_close(out.weights_TK, w / w.sum(-1, keepdim=True), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out.probs_TE, probs, rtol=0, atol=0)
+    assert torch.equal(out.token_A, torch.arange(50).repeat_interleave(r.top_k))
+    assert torch.equal(out.expert_A, ids.reshape(-1)) and torch.equal(out.weight_A, out.weights_TK.reshape(-1))
