@@ -22,8 +22,9 @@ from .routing import Router, Routing, SoftMoERouter, SoftRouting
 
 #: ``dense_dispatch="auto"`` computes every expert on every token (no sort, no gathers) while the multiply-adds
 #: it spends on experts a token was not routed to stay below this (the crossover of a side-by-side timing of
-#: both paths on CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "Small batches")
-DENSE_MACS = 2_500_000
+#: both paths on CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "Small batches"; 2.5M before the dense path
+#: folded its combine into the second matmul, issue 15)
+DENSE_MACS = 8_000_000
 
 
 def _region(name: str):
@@ -211,7 +212,8 @@ class MoE(nn.Module):
         # every expert on every token wastes (T * E - assignments) * (D * H_in + H * D) multiply-adds on unrouted
         # pairs; below DENSE_MACS that is cheaper than the sorted path's fixed cost (sort, gathers, a host sync)
         e = self.experts
-        return (T * e.num_experts - assignments) * sum(p.shape[1] * p.shape[2] for p in (e.w1, e.w2)) <= DENSE_MACS
+        per_pair = e.d_model * ((2 if e.glu else 1) * e.hidden + e.hidden)  # D * H1 + H * D, as w1 and w2
+        return (T * e.num_experts - assignments) * per_pair <= DENSE_MACS
 
     def _sparse(
         self, x_TD: Tensor, routing: Routing, want_aux: bool = True, want_stats: bool = True
@@ -309,7 +311,7 @@ class MoE(nn.Module):
         for name, value in losses.items():
             c = self.coefs.get(name, 0.0)
             if c:
-                aux = value * c if aux is None else aux + value * c
+                aux = value * c if aux is None else torch.add(aux, value, alpha=c)
         if aux is None:
             return next(iter(losses.values())).new_zeros((), dtype=torch.float32) if losses else torch.zeros(())
         return aux if aux.dtype in (torch.float32, torch.float64) else aux.float()
