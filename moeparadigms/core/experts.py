@@ -357,7 +357,8 @@ class _StackedExperts(Experts):
             T, D = x.shape
             E, H = self.num_experts, self.hidden
             H1 = 2 * H if self.glu else H
-            w1, w2 = self.w1.full(), self.w2.full()
+            mods = self._modules  # one dict lookup each, not Module.__getattr__ (this runs per forward)
+            w1, w2 = mods["w1"].full(), mods["w2"].full()  # type: ignore[union-attr]
             if w1.dtype != dtype:
                 w1, w2 = w1.to(dtype), w2.to(dtype)
             g = gates_TE if gates_TE.dtype == dtype else gates_TE.to(dtype)

@@ -161,21 +161,23 @@ class MoE(nn.Module):
         Returns:
             :class:`MoEOutput` ``(y [..., D], aux_loss (), losses {name: ()}, stats)``.
         """
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"input last dim must equal d_model={self.d_model}, got input shape {tuple(x.shape)}")
+        router = self.router
+        d_model = router.d_model
+        if x.dim() < 1 or x.shape[-1] != d_model:
+            raise ValueError(f"input last dim must equal d_model={d_model}, got input shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x_TD = x if x.dim() == 2 else x.reshape(-1, self.d_model)  # no view node for the common 2-D input
+        x_TD = x if x.dim() == 2 else x.reshape(-1, d_model)  # no view node for the common 2-D input
         task_id_T = self._task_ids(task_id, lead, x.device)
         grad = torch.is_grad_enabled()
         want_aux, want_stats = grad or self.aux_in_inference, grad or self.stats_in_inference
-        if isinstance(self.router, SoftMoERouter):
+        if isinstance(router, SoftMoERouter):
             # explicit group count: a 0-sized dim makes reshape(-1, ...) ambiguous
-            groups = x.reshape(lead[:-1].numel(), x.shape[-2], self.d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
-            soft = self.router(groups, task_id_T=task_id_T)
+            groups = x.reshape(lead[:-1].numel(), x.shape[-2], d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
+            soft = router(groups, task_id_T=task_id_T)
             y_TD, losses, stats = self._soft(groups, soft, want_aux, want_stats)
         else:
             with _region("moe/router"):
-                routing = self.router(x_TD, task_id_T=task_id_T)
+                routing = router(x_TD, task_id_T=task_id_T)
             y_TD, losses, stats = self._sparse(x_TD, routing, want_aux, want_stats)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
@@ -204,23 +206,24 @@ class MoE(nn.Module):
             raise ValueError(f"task_id {bad} out of range: this router has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
         return t.reshape(-1)
 
-    def _use_dense(self, T: int, assignments: int) -> bool:
-        if self.dense_dispatch is False or self.capacity_factor is not None or not hasattr(self.experts, "forward_dense"):
+    def _use_dense(self, T: int, assignments: int, e: Experts | None = None) -> bool:
+        e = self.experts if e is None else e
+        if self.dense_dispatch is False or self.capacity_factor is not None or not hasattr(e, "forward_dense"):
             return False
         if self.dense_dispatch is True:
             return True
         # every expert on every token wastes (T * E - assignments) * (D * H_in + H * D) multiply-adds on unrouted
         # pairs; below DENSE_MACS that is cheaper than the sorted path's fixed cost (sort, gathers, a host sync)
-        e = self.experts
         per_pair = e.d_model * ((2 if e.glu else 1) * e.hidden + e.hidden)  # D * H1 + H * D, as w1 and w2
         return (T * e.num_experts - assignments) * per_pair <= DENSE_MACS
 
     def _sparse(
         self, x_TD: Tensor, routing: Routing, want_aux: bool = True, want_stats: bool = True
     ) -> tuple[Tensor, dict[str, Tensor], RoutingStats | None]:
-        E = self.num_experts
+        experts = self.experts
+        E = experts.num_experts
         counts: Tensor | None
-        if self._use_dense(x_TD.shape[0], routing.expert_A.numel()):
+        if self._use_dense(x_TD.shape[0], routing.expert_A.numel(), experts):
             with _region("moe/experts_dense"):
                 if routing.ids_TK is not None and routing.weights_TK is not None:
                     # one scatter into fresh zeros (a repeated id adds, as sorted)
@@ -229,7 +232,7 @@ class MoE(nn.Module):
                 else:
                     gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weight_A.dtype)
                     gates = gates.index_put((routing.token_A, routing.expert_A), routing.weight_A, accumulate=True)
-                y_TD = self.experts.forward_dense(x_TD, gates)
+                y_TD = experts.forward_dense(x_TD, gates)
                 if y_TD.dtype != x_TD.dtype:
                     y_TD = y_TD.to(x_TD.dtype)
             # counted only when a loss or the statistics read them
