@@ -188,12 +188,15 @@ def _check_temperature(temperature: float) -> None:
 
 
 def _check_finite_logits(logits: Tensor, name: str = "router logits") -> None:
-    if not torch.isfinite(logits).all():
-        bad = int((~torch.isfinite(logits)).sum())
-        raise FloatingPointError(
-            f"{name} contain {bad} non-finite values (NaN/inf): check the layer input for NaN/inf "
-            "or lower the learning rate"
-        )
+    # one reduction and one host read: a NaN/inf element makes the sum NaN/inf; only then (or if finite logits
+    # overflowed the sum) the element-wise test, which is several kernels
+    if math.isfinite(float(logits.detach().sum())) or bool(torch.isfinite(logits).all()):
+        return
+    bad = int((~torch.isfinite(logits)).sum())
+    raise FloatingPointError(
+        f"{name} contain {bad} non-finite values (NaN/inf): check the layer input for NaN/inf "
+        "or lower the learning rate"
+    )
 
 
 def _token_choice(probs_TE: Tensor, top_k: int, renormalize: bool, select_TE: Tensor | None = None) -> Routing:

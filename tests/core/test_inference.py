@@ -167,3 +167,14 @@ def test_topk_weights_from_the_chosen_logits_equal_renormalised_probabilities(ro
     torch.testing.assert_close(out.probs_TE, probs, rtol=0, atol=0)
     assert torch.equal(out.token_A, torch.arange(50).repeat_interleave(r.top_k))
     assert torch.equal(out.expert_A, ids.reshape(-1)) and torch.equal(out.weight_A, out.weights_TK.reshape(-1))
+
+
+def test_finite_check_is_exact_when_finite_logits_overflow_their_sum():
+    """The check sums the logits first (one reduction); finite logits whose sum overflows are not an error."""
+    big = torch.full((4, 3), 3e38)
+    R._check_finite_logits(big)  # the sum is inf, every element finite: no error
+    big[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="contain 1 non-finite"):
+        R._check_finite_logits(big)
+    with pytest.raises(FloatingPointError, match="contain 2 non-finite"):
+        R._check_finite_logits(torch.tensor([[1.0, float("inf"), -float("inf")]]))
