@@ -12,6 +12,7 @@ call, then steady-state medians against the same MLP).
 
     python scripts/bench_small_batch.py --compile --out benchmarks/results/small_batch.json
     python scripts/bench_small_batch.py --quick --out /tmp/sb.json
+    python scripts/bench_small_batch.py --markdown benchmarks/results/small_batch.json   # the BENCHMARKS tables
 """
 from __future__ import annotations
 
@@ -86,15 +87,45 @@ def _compiled(moe, mlp, d: int, tokens: list[int], n: int, repeats: int) -> list
     return out
 
 
+def markdown(data: dict) -> str:
+    """The BENCHMARKS.md tables of a result file."""
+    lines = [
+        "| D / H / E / top-k | tokens | auto picks | forward sorted / dense / rollout / MLP (µs) | fwd+bwd sorted / dense / MLP (µs) "
+        "| forward ÷ MLP | rollout ÷ MLP | fwd+bwd ÷ MLP |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["records"]:
+        lines.append(
+            f"| {r['d_model']} / {r['hidden']} / {r['experts']} / {r['top_k']} | {r['tokens']} | "
+            f"{'dense' if r['auto_dense'] else 'sorted'} | {r['forward_sorted_us']:.0f} / {r['forward_dense_us']:.0f} / "
+            f"{r['forward_rollout_us']:.0f} / {r['forward_mlp_us']:.0f} | {r['train_sorted_us']:.0f} / {r['train_dense_us']:.0f} / "
+            f"{r['train_mlp_us']:.0f} | **{r['forward_ratio']:.2f}×** | **{r['rollout_ratio']:.2f}×** | **{r['train_ratio']:.2f}×** |"
+        )
+    if data.get("compiled"):
+        lines += ["", "| tokens | first call: forward / fwd+bwd (s) | forward µs (÷ MLP) | fwd+bwd µs (÷ MLP) |", "|---|---|---|---|"]
+        for c in data["compiled"]:
+            lines.append(
+                f"| {c['tokens']} | {c['compile_forward_s']:.1f} / {c['compile_train_s']:.1f} | "
+                f"{c['forward_compiled_us']:.0f} ({c['forward_ratio']:.2f}×) | {c['train_compiled_us']:.0f} ({c['train_ratio']:.2f}×) |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     from moeparadigms.core import MLPExperts, MoE, TopKRouter
     from moeparadigms.core.layer import DENSE_MACS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the layer (64/64/4/2)")
+    ap.add_argument("--markdown", type=Path, help="print the tables of a result file and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
+    if args.out is None:
+        ap.error("--out is required (or --markdown FILE)")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     n, repeats = (5, 2) if args.quick else (100, 5)

@@ -27,6 +27,16 @@ from .routing import Router, Routing, SoftMoERouter, SoftRouting
 DENSE_MACS = 8_000_000
 
 
+def _count(expert_A: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert. On CUDA ``bincount`` reads its input's max on the host (a sync); a scatter-add
+    into ``num_experts`` zeros does not. On CPU ``bincount`` is one op."""
+    if expert_A.is_cuda:
+        return torch.zeros(num_experts, dtype=torch.long, device=expert_A.device).scatter_add_(
+            0, expert_A, torch.ones_like(expert_A)
+        )
+    return torch.bincount(expert_A, minlength=num_experts)
+
+
 def _region(name: str):
     """A profiler label when a profiler is recording; free otherwise (record_function costs ~10 us a call)."""
     return record_function(name) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
@@ -236,7 +246,7 @@ class MoE(nn.Module):
                 if y_TD.dtype != x_TD.dtype:
                     y_TD = y_TD.to(x_TD.dtype)
             # counted only when a loss or the statistics read them
-            counts = torch.bincount(routing.expert_A, minlength=E) if want_aux or want_stats else None
+            counts = _count(routing.expert_A, E) if want_aux or want_stats else None
             dropped, total = None, routing.expert_A.numel()
         elif routing.ids_TK is not None and routing.weights_TK is not None and not self.experts.plain_autograd:
             # token choice: sorting is a permutation of the T*K choices, both directions are plain gathers

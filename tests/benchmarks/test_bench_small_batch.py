@@ -22,3 +22,5 @@ def test_bench_small_batch_quick_smoke(tmp_path):
         assert r["train_ratio"] == r[f"train_{auto}_us"] / r["train_mlp_us"]
         assert r["mlp_hidden"] == r["top_k"] * r["hidden"]
         assert r["auto_dense"] == (r["unrouted_macs"] <= data["dense_macs"])
+    md = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(out)], check=True, capture_output=True, text=True)
+    assert md.stdout.count("\n| 64 / 64 / 4 / 2 |") == 2 and "fwd+bwd ÷ MLP" in md.stdout
