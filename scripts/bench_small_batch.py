@@ -5,8 +5,8 @@ fixed cost (sort, gathers, a host sync) dominates. This times ``MoE(dense_dispat
 same layer and inputs (forward under no_grad with the default statistics, and forward+backward with the aux
 loss), the RL-rollout forward (no_grad, ``stats_in_inference=False``, the path ``"auto"`` picks), and a dense
 MLP of equal *active* parameters (``Linear(D, k*H) -> GELU -> Linear(k*H, D)``, no biases, like the experts;
-the router's ``D*E`` weights not counted) plus a ``Linear(D, D)`` for scale; all interleaved, median of
-repeats, one thread. Ratios are the path ``"auto"`` picks over the dense MLP. It picks the ``DENSE_MACS``
+the router's ``D*E`` weights not counted) plus a ``Linear(D, D)`` for scale; all interleaved in turns of
+100 calls (10 turns each), medians, one thread. Ratios are the path ``"auto"`` picks over the dense MLP. It picks the ``DENSE_MACS``
 crossover. ``--compile`` adds ``torch.compile`` of the whole layer at a few sizes (compile time of the first
 call, then steady-state medians against the same MLP).
 
@@ -48,8 +48,13 @@ def _step(module, x, phase: str) -> None:
     loss.backward()
 
 
-def _interleaved(fns: dict, n: int, repeats: int, rounds: int = 2) -> dict[str, float]:
-    """Median microseconds per call of each function, the functions timed in turn ``rounds`` times."""
+ROUNDS = 10
+
+
+def _interleaved(fns: dict, n: int, repeats: int, rounds: int | None = None) -> dict[str, float]:
+    """Median microseconds per call of each function, the functions timed in turn ``rounds`` times (fine-grained
+    turns, so a burst of load from other processes hits every function alike)."""
+    rounds = ROUNDS if rounds is None else rounds
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -128,7 +133,8 @@ def main() -> None:
         ap.error("--out is required (or --markdown FILE)")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    n, repeats = (5, 2) if args.quick else (100, 5)
+    global ROUNDS
+    n, repeats, ROUNDS = (5, 2, 2) if args.quick else (100, 1, 10)
     shapes = [(64, 64, 4, 2)] if args.quick else [(64, 64, 4, 2), (64, 32, 4, 1), (256, 512, 8, 2)]
     tokens = [8, 64] if args.quick else [8, 32, 64, 128, 256, 512, 1024]
     records, compiled = [], []
@@ -174,7 +180,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"mlp": "Linear(D, top_k*H, bias=False) -> GELU -> Linear(top_k*H, D, bias=False)",
             "forward": "no_grad, default MoE (statistics kept)", "rollout": "no_grad, stats_in_inference=False, auto path",
-            "train": "forward + backward of y.sum() + aux_loss", "ratio": "auto path / dense MLP", "n": n, "repeats": repeats}
+            "train": "forward + backward of y.sum() + aux_loss", "ratio": "auto path / dense MLP", "n": n, "repeats": repeats, "rounds": ROUNDS}
     out = {"records": records, "dense_macs": DENSE_MACS, "threads": 1, "setup": meta}
     if compiled:
         out["compiled"] = compiled
