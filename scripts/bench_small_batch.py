@@ -6,8 +6,8 @@ same layer and inputs (forward under no_grad with the default statistics, and fo
 loss), the RL-rollout forward (no_grad, ``stats_in_inference=False``, the path ``"auto"`` picks), and a dense
 MLP of equal *active* parameters (``Linear(D, k*H) -> GELU -> Linear(k*H, D)``, no biases, like the experts;
 the router's ``D*E`` weights not counted) plus a ``Linear(D, D)`` for scale; all interleaved in turns of
-100 calls (10 turns each), medians, one thread. Ratios are the path ``"auto"`` picks over the dense MLP. It picks the ``DENSE_MACS``
-crossover. ``--compile`` adds ``torch.compile`` of the whole layer at a few sizes (compile time of the first
+100 calls (10 turns each), medians, one thread. Ratios are the path ``"auto"`` picks over the dense MLP. It
+picks the ``DENSE_MACS`` crossover. ``--compile`` adds ``torch.compile`` of the whole layer at a few sizes (compile time of the first
 call, then steady-state medians against the same MLP).
 
     python scripts/bench_small_batch.py --compile --out benchmarks/results/small_batch.json
