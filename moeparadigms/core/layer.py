@@ -102,6 +102,10 @@ class MoE(nn.Module):
             With autograd on, losses and statistics are always computed.
     """
 
+    # class-level defaults too, so a layer pickled whole before these options existed still runs
+    aux_in_inference: bool = False
+    stats_in_inference: bool = True
+
     def __init__(
         self,
         *,
