@@ -22,8 +22,19 @@ from .routing import Router, Routing, SoftMoERouter, SoftRouting
 
 #: ``dense_dispatch="auto"`` computes every expert on every token (no sort, no gathers) while the multiply-adds
 #: it spends on experts a token was not routed to stay below this (the crossover of a side-by-side timing of
-#: both paths on CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "Small batches")
-DENSE_MACS = 2_500_000
+#: both paths on CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "Small batches"; 2.5M before the dense path
+#: folded its combine into the second matmul, issue 15)
+DENSE_MACS = 8_000_000
+
+
+def _count(expert_A: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert. On CUDA ``bincount`` reads its input's max on the host (a sync); a scatter-add
+    into ``num_experts`` zeros does not. On CPU ``bincount`` is one op."""
+    if expert_A.is_cuda:
+        return torch.zeros(num_experts, dtype=torch.long, device=expert_A.device).scatter_add_(
+            0, expert_A, torch.ones_like(expert_A)
+        )
+    return torch.bincount(expert_A, minlength=num_experts)
 
 
 def _region(name: str):
@@ -43,12 +54,16 @@ class RoutingStats(NamedTuple):
 
 class MoEOutput(NamedTuple):
     """``y`` has the input's shape; ``aux_loss`` is the weighted sum of ``losses`` (add it to the task
-    loss); ``losses`` holds each unweighted auxiliary term for logging."""
+    loss); ``losses`` holds each unweighted auxiliary term for logging.
+
+    In inference (a forward with autograd off, see :class:`MoE` ``aux_in_inference``/``stats_in_inference``)
+    the losses are skipped unless asked for: ``aux_loss`` is then a zero scalar and ``losses`` is empty; and
+    ``stats`` is None when the statistics are switched off for inference."""
 
     y: Tensor
     aux_loss: Tensor
     losses: dict[str, Tensor]
-    stats: RoutingStats
+    stats: RoutingStats | None
 
 
 class MoE(nn.Module):
@@ -65,7 +80,8 @@ class MoE(nn.Module):
             contribution is zero; counted in ``stats.dropped``).
         load_balance_coef, z_loss_coef, importance_coef, load_coef: weights of the Switch load-balancing
             loss, ST-MoE router z-loss and Shazeer's importance and (noisy top-k only) load losses.
-        check_finite: raise on NaN/inf router logits (one host sync per forward).
+        check_finite: raise on NaN/inf router logits (one host sync per forward). Only with autograd on: in
+            inference (below) there is no check and no host sync; a non-finite token's output row is NaN.
         balance_across_ranks: under data parallelism (an initialised ``torch.distributed`` group), take
             the load-balancing loss's expert fractions ``f`` from the token counts summed over all ranks,
             so DDP training equals one process on the same global batch (``P`` stays local and DDP's
@@ -76,7 +92,19 @@ class MoE(nn.Module):
             differentiable); ``False`` always sorts; ``"auto"`` takes the dense path while the whole bank's
             multiply-adds on unrouted (token, expert) pairs stay under ``DENSE_MACS`` (small batches: RL
             rollouts, few-shot episodes), where the sorted path's fixed cost dominates.
+        aux_in_inference: compute the auxiliary losses in inference too. "Inference" is a forward with
+            autograd off (``torch.no_grad()``, ``torch.inference_mode()``: RL rollouts, evaluation), where no
+            loss can be trained; by default the layer then skips them (``aux_loss`` is a zero scalar and
+            ``losses`` is empty) and skips the finite-logits check's host sync.
+        stats_in_inference: compute the routing statistics in inference (default True: validation loops
+            feed them to :class:`RoutingMetrics`, continual learning reads ``tokens_per_expert``). False:
+            ``stats`` is None in inference (RL rollouts that never read them; a few ops less per call).
+            With autograd on, losses and statistics are always computed.
     """
+
+    # class-level defaults too, so a layer pickled whole before these options existed still runs
+    aux_in_inference: bool = False
+    stats_in_inference: bool = True
 
     def __init__(
         self,
@@ -92,6 +120,8 @@ class MoE(nn.Module):
         check_finite: bool = True,
         balance_across_ranks: bool = True,
         dense_dispatch: bool | str = "auto",
+        aux_in_inference: bool = False,
+        stats_in_inference: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(router, Router):
@@ -119,6 +149,7 @@ class MoE(nn.Module):
         if dense_dispatch not in (True, False, "auto"):
             raise ValueError(f"dense_dispatch must be True, False or 'auto', got {dense_dispatch!r}")
         self.dense_dispatch = dense_dispatch
+        self.aux_in_inference, self.stats_in_inference = bool(aux_in_inference), bool(stats_in_inference)
         router.check_finite = check_finite
 
     @property
@@ -144,24 +175,31 @@ class MoE(nn.Module):
         Returns:
             :class:`MoEOutput` ``(y [..., D], aux_loss (), losses {name: ()}, stats)``.
         """
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"input last dim must equal d_model={self.d_model}, got input shape {tuple(x.shape)}")
+        router = self.router
+        d_model = router.d_model
+        if x.dim() < 1 or x.shape[-1] != d_model:
+            raise ValueError(f"input last dim must equal d_model={d_model}, got input shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x_TD = x.reshape(-1, self.d_model)
+        x_TD = x if x.dim() == 2 else x.reshape(-1, d_model)  # no view node for the common 2-D input
         task_id_T = self._task_ids(task_id, lead, x.device)
-        if isinstance(self.router, SoftMoERouter):
+        grad = torch.is_grad_enabled()
+        want_aux, want_stats = grad or self.aux_in_inference, grad or self.stats_in_inference
+        if isinstance(router, SoftMoERouter):
             # explicit group count: a 0-sized dim makes reshape(-1, ...) ambiguous
-            groups = x.reshape(lead[:-1].numel(), x.shape[-2], self.d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
-            soft = self.router(groups, task_id_T=task_id_T)
-            y_TD, losses, stats = self._soft(groups, soft)
+            groups = x.reshape(lead[:-1].numel(), x.shape[-2], d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
+            soft = router(groups, task_id_T=task_id_T)
+            y_TD, losses, stats = self._soft(groups, soft, want_aux, want_stats)
         else:
             with _region("moe/router"):
-                routing = self.router(x_TD, task_id_T=task_id_T)
-            y_TD, losses, stats = self._sparse(x_TD, routing)
+                routing = router(x_TD, task_id_T=task_id_T)
+            y_TD, losses, stats = self._sparse(x_TD, routing, want_aux, want_stats)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        aux = self.weighted_aux_loss(losses).to(x_TD.device)
-        return MoEOutput(y_TD.reshape(*lead, y_TD.shape[-1]).to(x.dtype), aux, losses, stats)
+        aux = self.weighted_aux_loss(losses) if losses else torch.zeros((), device=x_TD.device)
+        if aux.device != x_TD.device:
+            aux = aux.to(x_TD.device)
+        y = y_TD if x.dim() == 2 else y_TD.reshape(*lead, y_TD.shape[-1])
+        return MoEOutput(y if y.dtype == x.dtype else y.to(x.dtype), aux, losses, stats)
 
     def _task_ids(self, task_id: int | Tensor | None, lead: torch.Size, device: torch.device) -> Tensor | None:
         if task_id is None:
@@ -182,29 +220,38 @@ class MoE(nn.Module):
             raise ValueError(f"task_id {bad} out of range: this router has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
         return t.reshape(-1)
 
-    def _use_dense(self, T: int, assignments: int) -> bool:
-        if self.dense_dispatch is False or self.capacity_factor is not None or not hasattr(self.experts, "forward_dense"):
+    def _use_dense(self, T: int, assignments: int, e: Experts | None = None) -> bool:
+        e = self.experts if e is None else e
+        if self.dense_dispatch is False or self.capacity_factor is not None or not hasattr(e, "forward_dense"):
             return False
         if self.dense_dispatch is True:
             return True
         # every expert on every token wastes (T * E - assignments) * (D * H_in + H * D) multiply-adds on unrouted
         # pairs; below DENSE_MACS that is cheaper than the sorted path's fixed cost (sort, gathers, a host sync)
-        e = self.experts
-        return (T * e.num_experts - assignments) * sum(p.shape[1] * p.shape[2] for p in (e.w1, e.w2)) <= DENSE_MACS
+        per_pair = e.d_model * ((2 if e.glu else 1) * e.hidden + e.hidden)  # D * H1 + H * D, as w1 and w2
+        return (T * e.num_experts - assignments) * per_pair <= DENSE_MACS
 
-    def _sparse(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
-        E = self.num_experts
-        if self._use_dense(x_TD.shape[0], routing.expert_A.numel()):
+    def _sparse(
+        self, x_TD: Tensor, routing: Routing, want_aux: bool = True, want_stats: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor], RoutingStats | None]:
+        experts = self.experts
+        E = experts.num_experts
+        counts: Tensor | None
+        if self._use_dense(x_TD.shape[0], routing.expert_A.numel(), experts):
             with _region("moe/experts_dense"):
                 if routing.ids_TK is not None and routing.weights_TK is not None:
-                    gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weights_TK.dtype)
-                    gates = gates.scatter_add(1, routing.ids_TK, routing.weights_TK)  # a repeated id adds, as sorted
+                    # one scatter into fresh zeros (a repeated id adds, as sorted)
+                    w = routing.weights_TK
+                    gates = torch.zeros(x_TD.shape[0], E, dtype=w.dtype, device=w.device).scatter_add_(1, routing.ids_TK, w)
                 else:
                     gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weight_A.dtype)
                     gates = gates.index_put((routing.token_A, routing.expert_A), routing.weight_A, accumulate=True)
-                y_TD = self.experts.forward_dense(x_TD, gates).to(x_TD.dtype)
-            counts = torch.bincount(routing.expert_A.detach(), minlength=E)
-            dropped, total = counts.new_zeros(()), routing.expert_A.numel()
+                y_TD = experts.forward_dense(x_TD, gates)
+                if y_TD.dtype != x_TD.dtype:
+                    y_TD = y_TD.to(x_TD.dtype)
+            # counted only when a loss or the statistics read them
+            counts = _count(routing.expert_A, E) if want_aux or want_stats else None
+            dropped, total = None, routing.expert_A.numel()
         elif routing.ids_TK is not None and routing.weights_TK is not None and not self.experts.plain_autograd:
             # token choice: sorting is a permutation of the T*K choices, both directions are plain gathers
             cap = None if self.capacity_factor is None else dsp.capacity(routing.ids_TK.numel(), E, self.capacity_factor)
@@ -227,23 +274,43 @@ class MoE(nn.Module):
             y_TD = dsp.combine(y_AD, d, x_TD.shape[0]).to(x_TD.dtype)
             counts, dropped, total = d.counts_E, d.dropped, d.total
 
-        losses, entropy = self._router_losses(routing)
-        stats = RoutingStats(counts.detach(), dropped.detach(), torch.tensor(total), entropy, torch.tensor(x_TD.shape[0]))
+        # the counts before any dropping serve the load-balancing loss too
+        pre_drop = counts if self.capacity_factor is None else None
+        losses = self._router_losses(routing, pre_drop) if want_aux else {}
+        if not want_stats:
+            return y_TD, losses, None
+        assert counts is not None
+        stats = RoutingStats(
+            counts,  # integer tensors: never part of a graph
+            counts.new_zeros(()) if dropped is None else dropped,
+            torch.scalar_tensor(total, dtype=torch.long),
+            self._entropy(routing.probs_TE, routing.weight_A),
+            torch.scalar_tensor(x_TD.shape[0], dtype=torch.long),
+        )
         return y_TD, losses, stats
 
-    def _router_losses(self, routing: Routing) -> tuple[dict[str, Tensor], Tensor]:
-        """The unweighted auxiliary losses a routing supports, and its summed entropy (detached)."""
+    @staticmethod
+    def _entropy(probs_TE: Tensor | None, like: Tensor) -> Tensor:
+        """Sum over tokens of the router's entropy (nats), detached; 0 for a router without probabilities."""
+        if probs_TE is None:
+            return like.new_zeros((), dtype=torch.float32)
+        return torch.special.entr(probs_TE.detach()).sum()
+
+    def _router_losses(self, routing: Routing, counts_E: Tensor | None = None) -> dict[str, Tensor]:
+        """The unweighted auxiliary losses a routing supports. ``counts_E``: the assignments per expert of
+        this routing before any dropping, if the caller already counted them."""
         E = self.router.num_experts
         losses: dict[str, Tensor] = {}
         probs = routing.probs_TE
-        entropy = routing.weight_A.new_zeros((), dtype=torch.float32)
         if probs is not None:
-            counts = None
+            assigned = None
             if self.balance_across_ranks and self.training and data_parallel_world() > 1:
-                counts = sum_over_ranks(torch.bincount(routing.expert_A, minlength=E))
-            losses["load_balance"] = L.switch_load_balance_loss(probs, routing.expert_A, E, counts_E=counts)
-            p = probs.detach()
-            entropy = -(p * torch.log(p.clamp_min(1e-20))).sum()
+                counts_E = sum_over_ranks(torch.bincount(routing.expert_A, minlength=E))
+            elif counts_E is not None:
+                assigned = routing.expert_A.numel()
+            losses["load_balance"] = L.switch_load_balance_loss(
+                probs, routing.expert_A, E, counts_E=counts_E, assigned=assigned
+            )
             if self.coefs["importance"]:
                 gates = probs.new_zeros(probs.shape).index_put(
                     (routing.token_A, routing.expert_A), routing.weight_A.to(probs.dtype), accumulate=True
@@ -253,17 +320,22 @@ class MoE(nn.Module):
             losses["z_loss"] = L.router_z_loss(routing.logits_TE)
         if routing.load_prob_TE is not None:
             losses["load"] = L.load_loss(routing.load_prob_TE)
-        return losses, entropy
+        return losses
 
     def weighted_aux_loss(self, losses: dict[str, Tensor]) -> Tensor:
-        """sum of coefficient * loss over the configured auxiliary losses."""
-        aux = next(iter(losses.values())).new_zeros((), dtype=torch.float32) if losses else torch.zeros(())
+        """sum of coefficient * loss over the configured auxiliary losses (at least float32)."""
+        aux: Tensor | None = None
         for name, value in losses.items():
-            if self.coefs.get(name, 0.0):
-                aux = aux + self.coefs[name] * value
-        return aux
+            c = self.coefs.get(name, 0.0)
+            if c:
+                aux = value * c if aux is None else torch.add(aux, value, alpha=c)
+        if aux is None:
+            return next(iter(losses.values())).new_zeros((), dtype=torch.float32) if losses else torch.zeros(())
+        return aux if aux.dtype in (torch.float32, torch.float64) else aux.float()
 
-    def _soft(self, x_GND: Tensor, r: SoftRouting) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
+    def _soft(
+        self, x_GND: Tensor, r: SoftRouting, want_aux: bool = True, want_stats: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor], RoutingStats | None]:
         G, N, D = x_GND.shape
         E, spe = self.num_experts, r.slots_per_expert
         slots_GSD = torch.einsum("gns,gnd->gsd", r.dispatch_GNS.to(x_GND.dtype), x_GND)
@@ -272,10 +344,12 @@ class MoE(nn.Module):
         y_AD = self.experts(x_AD, counts)
         y_GSD = y_AD.reshape(E, G, spe, D).transpose(0, 1).reshape(G, E * spe, D)
         y_GND = torch.einsum("gns,gsd->gnd", r.combine_GNS.to(y_GSD.dtype), y_GSD)
-        c = r.combine_GNS.detach()
-        entropy = -(c * torch.log(c.clamp_min(1e-20))).sum()
-        stats = RoutingStats(counts, counts.new_zeros(()), torch.tensor(E * G * spe), entropy, torch.tensor(G * N))
-        return y_GND.reshape(G * N, D), {"z_loss": L.router_z_loss(r.logits_GNS.reshape(G * N, E * spe))}, stats
+        losses = {"z_loss": L.router_z_loss(r.logits_GNS.reshape(G * N, E * spe))} if want_aux else {}
+        stats = None
+        if want_stats:
+            entropy = torch.special.entr(r.combine_GNS.detach()).sum()
+            stats = RoutingStats(counts, counts.new_zeros(()), torch.tensor(E * G * spe), entropy, torch.tensor(G * N))
+        return y_GND.reshape(G * N, D), losses, stats
 
     # ------------------------------------------------------------------ growth
     def add_experts(self, n: int = 1, *, init: Init = "fresh", source: Sequence[int] | None = None) -> Remap:

@@ -9,25 +9,36 @@ import torch
 from torch import Tensor
 
 
-def switch_load_balance_loss(probs_TE: Tensor, expert_A: Tensor, num_experts: int, *, counts_E: Tensor | None = None) -> Tensor:
+def switch_load_balance_loss(
+    probs_TE: Tensor, expert_A: Tensor, num_experts: int, *, counts_E: Tensor | None = None, assigned: int | None = None
+) -> Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
     ``E * sum_i f_i * P_i`` with ``f_i`` the fraction of assignments routed to expert i (before any
     capacity dropping) and ``P_i`` the mean router probability of expert i. Equals 1 when both are
     uniform; only ``P`` carries gradient. ``counts_E``, if given, are the assignment counts ``f`` is
     taken from (e.g. summed over data-parallel ranks: the global-batch balance of Qiu et al. 2025);
-    by default they are counted from ``expert_A``.
+    by default they are counted from ``expert_A``. ``assigned``: the sum of ``counts_E`` when the caller
+    knows it (saves a reduction); by default it is summed.
     """
+    # a dot product of the counts with the summed probabilities, scaled once: a handful of ops, since at the
+    # small batches of RL and meta-learning every op costs more than its arithmetic (BENCHMARKS "Small batches")
+    dtype = probs_TE.dtype
     if counts_E is None:
         counts_E = torch.bincount(expert_A, minlength=num_experts)
-    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1).to(probs_TE.dtype)
-    P_E = probs_TE.sum(0) / max(probs_TE.shape[0], 1)  # no tokens: P = 0 and the loss is 0, not NaN
-    return num_experts * torch.sum(f_E * P_E)
+        assigned = expert_A.numel()
+    # no tokens: P = 0 and the loss is 0, not NaN
+    scale = num_experts / max(probs_TE.shape[0], 1)
+    dot = torch.dot(counts_E.to(dtype), probs_TE.sum(0))
+    if assigned is not None:
+        return dot * (scale / max(assigned, 1))
+    return dot * scale / counts_E.sum().clamp_min(1).to(dtype)
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2 (0 for no tokens)."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / max(logits_TE.shape[0], 1)
+    lse_T = torch.logsumexp(logits_TE if logits_TE.dtype == torch.float32 else logits_TE.float(), dim=-1)
+    return torch.dot(lse_T, lse_T) / max(logits_TE.shape[0], 1)
 
 
 def cv_squared(v: Tensor, eps: float = 1e-10) -> Tensor:

@@ -81,7 +81,7 @@ class ExpertParallelMoE(nn.Module):
         y_TD = dsp.unpermute_topk(back, routing.weights_TK, perm).to(x_TD.dtype)
         if moe.shared_experts is not None:
             y_TD = y_TD + moe.shared_experts(x_TD)
-        losses, entropy = moe._router_losses(routing)
+        losses, entropy = moe._router_losses(routing), moe._entropy(routing.probs_TE, routing.weight_A)
         aux = moe.weighted_aux_loss(losses).to(x_TD.device)
         stats = RoutingStats(perm.counts_E.detach(), perm.dropped, torch.tensor(routing.ids_TK.numel()), entropy,
                              torch.tensor(x_TD.shape[0]))

@@ -61,8 +61,8 @@ class ExpertParam(nn.Module):
 
     def full(self) -> Tensor:
         """The whole tensor (a concatenation if there are several blocks; differentiable)."""
-        if len(self.blocks) == 1:
-            return self.block0
+        if self._num_blocks == 1:
+            return self._parameters["block0"]  # type: ignore[return-value]  # (no Module.__getattr__: called per forward)
         return torch.cat(self.blocks, dim=0)
 
     def layout(self) -> list[tuple[int, nn.Parameter]]:

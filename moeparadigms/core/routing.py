@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +41,7 @@ class Routing:
     (noisy top-k only, Shazeer's load loss). ``presorted`` marks assignments already grouped by expert.
     """
 
-    token_A: Tensor
+    token_A: Tensor  # a token-choice router may pass None: built from ids_TK on first read (see below)
     expert_A: Tensor
     weight_A: Tensor
     logits_TE: Tensor | None
@@ -50,6 +51,49 @@ class Routing:
     #: token-choice routers: the (T, K) expert ids and weights (every token has exactly K assignments)
     ids_TK: Tensor | None = None
     weights_TK: Tensor | None = None
+
+
+def _token_A_get(self: Routing) -> Tensor:
+    t = self.__dict__["_token_A"]
+    if t is None:
+        if self.ids_TK is None:
+            raise ValueError("Routing needs token_A (or ids_TK to build it from)")
+        T, K = self.ids_TK.shape
+        t = self.__dict__["_token_A"] = torch.arange(T, device=self.ids_TK.device).repeat_interleave(K)
+    return t
+
+
+def _token_A_set(self: Routing, value: Tensor | None) -> None:
+    self.__dict__["_token_A"] = value
+
+
+def _probs_get(self: Routing) -> Tensor | None:
+    p = self.__dict__["_probs_TE"]
+    if p is None and self.__dict__.get("_probs_are_softmax") and self.logits_TE is not None:
+        p = self.__dict__["_probs_TE"] = torch.softmax(self.logits_TE, dim=-1)
+    return p
+
+
+def _probs_set(self: Routing, value: Tensor | None) -> None:
+    self.__dict__["_probs_TE"] = value
+
+
+# token-choice assignments are token-major (token t's K choices at t*K .. t*K+K-1), so token_A is a function of
+# ids_TK: built lazily, since the paths that read it (the generic sort, the importance loss) are the rare ones
+Routing.token_A = property(_token_A_get, _token_A_set)  # type: ignore[assignment]
+# a router whose probabilities are softmax(logits) may leave them to be computed on first read (by the losses
+# or the statistics): an inference forward that reads neither never computes them
+Routing.probs_TE = property(_probs_get, _probs_set)  # type: ignore[assignment]
+
+
+def _softmax_probs_on_read(r: Routing) -> Routing:
+    r.__dict__["_probs_are_softmax"] = True
+    return r
+
+
+def _no_autocast(x: Tensor):
+    """``torch.autocast(enabled=False)`` where autocast is on; free otherwise (entering it costs ~10 us)."""
+    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
 
 
 @dataclass
@@ -80,8 +124,12 @@ class Router(nn.Module):
     num_experts: int
     #: routers whose output depends on other tokens of the batch (expert choice, Soft MoE) set this
     batch_dependent: bool = False
-    #: raise on NaN/inf scores (one host sync per forward); MoE(check_finite=...) sets it
+    #: raise on NaN/inf scores (one host sync per forward) while autograd is on; MoE(check_finite=...) sets it.
+    #: Inference (autograd off) never checks: no host sync, and a non-finite token routes to NaN weights.
     check_finite: bool = True
+
+    def _checks(self) -> bool:
+        return self.check_finite and torch.is_grad_enabled()
 
     def __init__(self, *, d_model: int, num_experts: int) -> None:
         super().__init__()
@@ -141,17 +189,20 @@ def _check_temperature(temperature: float) -> None:
 
 
 def _check_finite_logits(logits: Tensor, name: str = "router logits") -> None:
-    if not torch.isfinite(logits).all():
-        bad = int((~torch.isfinite(logits)).sum())
-        raise FloatingPointError(
-            f"{name} contain {bad} non-finite values (NaN/inf): check the layer input for NaN/inf "
-            "or lower the learning rate"
-        )
+    # one reduction and one host read: a NaN/inf element makes the sum NaN/inf; only then (or if finite logits
+    # overflowed the sum) the element-wise test, which is several kernels
+    if math.isfinite(float(logits.detach().sum())) or bool(torch.isfinite(logits).all()):
+        return
+    bad = int((~torch.isfinite(logits)).sum())
+    raise FloatingPointError(
+        f"{name} contain {bad} non-finite values (NaN/inf): check the layer input for NaN/inf "
+        "or lower the learning rate"
+    )
 
 
-def _token_choice(probs_TE: Tensor, top_k: int, renormalize: bool, select_TE: Tensor | None = None):
-    """Top-k of ``select_TE`` (default: the probabilities); weights from ``probs_TE``."""
-    T = probs_TE.shape[0]
+def _token_choice(probs_TE: Tensor, top_k: int, renormalize: bool, select_TE: Tensor | None = None) -> Routing:
+    """Top-k of ``select_TE`` (default: the probabilities); weights from ``probs_TE``. The Routing's ``token_A``
+    is built on first read; logits and probabilities are for the caller to fill in."""
     if select_TE is None:
         weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
     else:
@@ -159,8 +210,7 @@ def _token_choice(probs_TE: Tensor, top_k: int, renormalize: bool, select_TE: Te
         weights_TK = probs_TE.gather(-1, ids_TK)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    token_A = torch.arange(T, device=probs_TE.device).repeat_interleave(top_k)
-    return token_A, ids_TK.reshape(-1), weights_TK.reshape(-1), ids_TK, weights_TK
+    return Routing(None, ids_TK.view(-1), weights_TK.view(-1), None, None, ids_TK=ids_TK, weights_TK=weights_TK)  # type: ignore[arg-type]
 
 
 class TopKRouter(Router):
@@ -204,20 +254,31 @@ class TopKRouter(Router):
         return F.linear(x_TD, self.gate.full().to(x_TD.dtype))
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
-        with torch.autocast(x_TD.device.type, enabled=False):
+        # few ops: at the small batches of RL and meta-learning each costs more than its arithmetic
+        with _no_autocast(x_TD):
             x = _fp32(x_TD)
             clean = self._scores(x, task_id_T)
-            if self.check_finite:
+            if self._checks():
                 _check_finite_logits(clean)
             logits, load_prob = clean, None
             if self.noisy and self.training:
                 std = F.softplus(F.linear(x, self.noise.full().to(x.dtype))) + 1e-2  # type: ignore[union-attr]
                 logits = clean + torch.randn_like(clean) * std
                 load_prob = _load_probabilities(clean, logits, std, self.top_k)
-            logits = logits / self.temperature
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            if self.renormalize:
+                # softmax over the k chosen logits = the chosen probabilities renormalised (the top-k of the
+                # logits are the top-k of the probabilities: softmax keeps the order), in two ops, and the
+                # full softmax only if the losses or statistics read probs_TE
+                vals_TK, ids_TK = torch.topk(logits, self.top_k, dim=-1)
+                w_TK = torch.softmax(vals_TK, dim=-1)
+                r = Routing(None, ids_TK.view(-1), w_TK.view(-1), logits, None, load_prob, ids_TK=ids_TK, weights_TK=w_TK)  # type: ignore[arg-type]
+                return _softmax_probs_on_read(r)
             probs = torch.softmax(logits, dim=-1)
-            token_A, expert_A, weight_A, ids, w = _token_choice(probs, self.top_k, self.renormalize)
-        return Routing(token_A, expert_A, weight_A, logits, probs, load_prob, ids_TK=ids, weights_TK=w)
+            r = _token_choice(probs, self.top_k, False)
+        r.logits_TE, r.probs_TE, r.load_prob_TE = logits, probs, load_prob
+        return r
 
 
 def _load_probabilities(clean_TE: Tensor, noisy_TE: Tensor, std_TE: Tensor, k: int) -> Tensor:
@@ -282,21 +343,20 @@ class BiasBalancedRouter(TopKRouter):
         self.expert_bias = self.expert_bias[keep_E.to(self.expert_bias.device)]
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
-        with torch.autocast(x_TD.device.type, enabled=False):
+        with _no_autocast(x_TD):
             logits = self._scores(_fp32(x_TD), task_id_T)
-            if self.check_finite:
+            if self._checks():
                 _check_finite_logits(logits)
             scores = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, -1)
-            token_A, expert_A, weight_A, ids, w = _token_choice(
-                scores, self.top_k, self.renormalize, select_TE=scores.detach() + self.expert_bias
-            )
+            r = _token_choice(scores, self.top_k, self.renormalize, select_TE=scores.detach() + self.expert_bias)
             if self.training and self.bias_update_rate > 0:
                 with torch.no_grad():
                     # the global batch's load under data parallelism, so every rank applies the same update
-                    load = sum_over_ranks(torch.bincount(expert_A, minlength=self.num_experts).float())
+                    load = sum_over_ranks(torch.bincount(r.expert_A, minlength=self.num_experts).float())
                     self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
             probs = scores / scores.sum(-1, keepdim=True)
-        return Routing(token_A, expert_A, weight_A, logits, probs, ids_TK=ids, weights_TK=w)
+        r.logits_TE, r.probs_TE = logits, probs
+        return r
 
 
 class TaskConditionedRouter(TopKRouter):
@@ -379,11 +439,11 @@ class ExpertChoiceRouter(Router):
         self.gate = ExpertParam(_fresh_rows(num_experts, d_model))
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
-        with torch.autocast(x_TD.device.type, enabled=False):
+        with _no_autocast(x_TD):
             T = x_TD.shape[0]
             x = _fp32(x_TD)
             logits = F.linear(x, self.gate.full().to(x.dtype)) / self.temperature
-            if self.check_finite:
+            if self._checks():
                 _check_finite_logits(logits)
             probs = torch.softmax(logits, dim=-1)
             C = min(T, max(1, math.ceil(self.capacity_factor * T / self.num_experts)))
@@ -414,17 +474,16 @@ class HashRouter(Router):
         self.projection = self.projection[keep_E.to(self.projection.device)]
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
-        with torch.no_grad(), torch.autocast(x_TD.device.type, enabled=False):
+        with torch.no_grad(), _no_autocast(x_TD):
             x = _fp32(x_TD)
             scores = F.linear(x, self.projection.to(x.dtype))
-            if self.check_finite:
+            if self._checks():
                 _check_finite_logits(scores, "hash router scores")
             ids_TK = torch.topk(scores, self.top_k, dim=-1).indices
         T = x_TD.shape[0]
-        token_A = torch.arange(T, device=x_TD.device).repeat_interleave(self.top_k)
         weight_A = torch.full((T * self.top_k,), 1.0 / self.top_k, device=x_TD.device)
         return Routing(
-            token_A, ids_TK.reshape(-1), weight_A, None, None, ids_TK=ids_TK, weights_TK=weight_A.view(T, self.top_k)
+            None, ids_TK.reshape(-1), weight_A, None, None, ids_TK=ids_TK, weights_TK=weight_A.view(T, self.top_k)  # type: ignore[arg-type]
         )
 
 
@@ -452,14 +511,14 @@ class SoftMoERouter(Router):
         return _fresh_rows(n * self.slots_per_expert, self.d_model).reshape(n, self.slots_per_expert, self.d_model)
 
     def forward(self, x_GND: Tensor, *, task_id_T: Tensor | None = None) -> SoftRouting:  # type: ignore[override]
-        with torch.autocast(x_GND.device.type, enabled=False):
+        with _no_autocast(x_GND):
             x = _fp32(x_GND)
             phi_SD = self.phi.full().reshape(-1, self.d_model).to(x.dtype)
             if self.normalize:
                 x = F.normalize(x, dim=-1)
                 phi_SD = self.scale * F.normalize(phi_SD, dim=-1)
             logits = torch.einsum("gnd,sd->gns", x, phi_SD)
-            if self.check_finite:
+            if self._checks():
                 _check_finite_logits(logits)
             dispatch = torch.softmax(logits, dim=1)
             combine = torch.softmax(logits, dim=2)

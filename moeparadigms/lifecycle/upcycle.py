@@ -171,7 +171,8 @@ def _new_moe(bank: Stacked, top_k: int, *, like: MoE | None, moe_kwargs: dict) -
                   load_balance_coef=like.coefs["load_balance"], z_loss_coef=like.coefs["z_loss"],
                   importance_coef=like.coefs["importance"], load_coef=like.coefs["load"],
                   check_finite=like.check_finite, balance_across_ranks=like.balance_across_ranks,
-                  dense_dispatch=like.dense_dispatch)
+                  dense_dispatch=like.dense_dispatch, aux_in_inference=like.aux_in_inference,
+                  stats_in_inference=like.stats_in_inference)
         kw.update(moe_kwargs)
         return MoE(router=router, experts=bank, **kw)
     return MoE(router=router, experts=bank, **moe_kwargs)

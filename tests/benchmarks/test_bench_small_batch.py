@@ -15,6 +15,12 @@ def test_bench_small_batch_quick_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert [r["tokens"] for r in data["records"]] == [8, 64]
     for r in data["records"]:
-        for key in ("forward_sorted_us", "forward_dense_us", "train_sorted_us", "train_dense_us"):
-            assert r[key] > 0
+        for key in ("forward_sorted_us", "forward_dense_us", "train_sorted_us", "train_dense_us", "forward_rollout_us",
+                    "forward_mlp_us", "train_mlp_us", "forward_ratio", "train_ratio", "rollout_ratio"):
+            assert r[key] > 0, key
+        auto = "dense" if r["auto_dense"] else "sorted"
+        assert r["train_ratio"] == r[f"train_{auto}_us"] / r["train_mlp_us"]
+        assert r["mlp_hidden"] == r["top_k"] * r["hidden"]
         assert r["auto_dense"] == (r["unrouted_macs"] <= data["dense_macs"])
+    md = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(out)], check=True, capture_output=True, text=True)
+    assert md.stdout.count("\n| 64 / 64 / 4 / 2 |") == 2 and "fwd+bwd ÷ MLP" in md.stdout

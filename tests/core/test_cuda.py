@@ -33,3 +33,24 @@ def test_cuda_bf16_grouped_mm_path_close_to_fp32():
     assert (out.y.float() - y32).norm() / y32.norm() < 0.05
     out.y.float().sum().backward()
     assert all(p.grad is not None for p in moe.experts.parameters())
+
+
+@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize("bank", [MLPExperts, GLUExperts])
+def test_cuda_inference_dense_path_never_syncs(bank, stats):
+    """Issue 15: a rollout forward (autograd off, dense small-batch path) makes no host sync: no finite check, no
+    losses; with the statistics kept, the counts stay on the device too. CUDA's sync debug mode raises on any."""
+    torch.manual_seed(0)
+    moe = MoE(router=TopKRouter(d_model=64, num_experts=4, top_k=2), experts=bank(d_model=64, hidden=64, num_experts=4),
+              dense_dispatch=True, stats_in_inference=stats).cuda()
+    x = torch.randn(16, 64, device="cuda")
+    ref = moe(x).y.detach()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            out = moe(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out.y, ref, rtol=0, atol=0)
+    assert (out.stats is not None) == stats
