@@ -320,7 +320,8 @@ class MultiTaskMoE(ParadigmModule):
                 self.log(f"{stage}/{task.name}/loss", out.losses[t], on_step=False, on_epoch=True, sync_dist=True)
                 self._update_metrics(stage, t, pairs[t][0].detach(), pairs[t][1])
         self.log(f"{stage}/loss", out.loss - out.aux_loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
-        self.log(f"{stage}/aux_loss", out.aux_loss, on_step=False, on_epoch=True, sync_dist=True)
+        if stage == "train":  # evaluation runs with autograd off, where the MoE layers skip their aux losses
+            self.log(f"{stage}/aux_loss", out.aux_loss, on_step=False, on_epoch=True, sync_dist=True)
         return out
 
     def predict_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:

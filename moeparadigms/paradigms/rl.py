@@ -222,6 +222,8 @@ class PPO(ParadigmModule):
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Actions for raw observations ``[N, O]`` (normalised inside): the policy ``moeparadigms evaluate`` runs."""
         raw = torch.as_tensor(obs, dtype=torch.float32)
+        if not torch.isfinite(raw).all():
+            raise FloatingPointError("act() got a NaN/inf observation")
         dist, _, _ = self._dist(self._obs(raw), self.task_of(raw))
         a = (dist.probs.argmax(-1) if self.action_spec["kind"] == "discrete" else dist.mean) if deterministic else dist.sample()
         return self._env_action(a)
@@ -287,6 +289,10 @@ class PPO(ParadigmModule):
                 val_buf[t] = self.value(x, task)[0]
                 act_buf[t] = a
                 obs, rew, term, trunc, info = envs.step(self._env_action(a))
+                if not (np.isfinite(obs).all() and np.isfinite(rew).all()):
+                    # the MoE layers do not check for NaN with autograd off (no host sync in rollouts): say it here
+                    raise FloatingPointError(f"{self.trainer.datamodule.env_id} returned a NaN/inf observation or "
+                                             f"reward (after env step {int(self.env_steps)})")
                 rew_buf[t] = torch.as_tensor(rew, dtype=torch.float32)
                 if h.norm_reward:
                     if self.disc_return.numel() != N:

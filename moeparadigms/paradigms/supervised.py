@@ -71,7 +71,9 @@ class MoEClassifier(ParadigmModule):
         sync = stage != "train"  # epoch means over every rank's shard (training logs per-rank steps)
         self.log(f"{stage}/loss", loss, prog_bar=stage != "train", batch_size=bs, sync_dist=sync)
         self.log(f"{stage}/ce", ce, batch_size=bs, sync_dist=sync)
-        self.log(f"{stage}/aux_loss", out.aux_loss, batch_size=bs, sync_dist=sync)
+        if stage == "train":  # evaluation runs with autograd off, where the MoE layers skip their aux losses:
+            # val/loss and test/loss are the cross-entropy
+            self.log(f"{stage}/aux_loss", out.aux_loss, batch_size=bs, sync_dist=sync)
         self.log(f"{stage}/acc", self.acc[key], prog_bar=True, on_step=False, on_epoch=True, batch_size=bs)
         self.routing[key].log(self, stage)
         return loss

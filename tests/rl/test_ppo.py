@@ -86,6 +86,36 @@ def test_rollout_masks_next_step_autoreset_transitions():
     dm.teardown()
 
 
+class _NaNAt2(_Tagged):
+    """Returns a NaN observation at its second step (the MoE layers do not check with autograd off)."""
+
+    def step(self, action):
+        obs, r, term, trunc, info = super().step(action)
+        if self.t == 2:
+            obs[0] = np.nan
+        return obs, r, term, trunc, info
+
+
+def test_bad_input_nan_observation_in_a_rollout_is_one_clear_error():
+    if "moeparadigms-test/NaNAt2-v0" not in gym.registry:
+        gym.register("moeparadigms-test/NaNAt2-v0", entry_point=_NaNAt2)
+    moe = MoE(router=TopKRouter(d_model=16, num_experts=4, top_k=2), experts=MLPExperts(d_model=16, hidden=16, num_experts=4))
+    m = PPO(network="moe", moe=moe, hidden=16, num_steps=8, plots=False)
+    dm = GymEnvs(env_id="moeparadigms-test/NaNAt2-v0", num_envs=1, total_steps=100)
+    tr = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    m.trainer = tr
+    tr.datamodule = dm
+    dm.setup()
+    m.build(2, PPO.describe_action_space(dm.envs.single_action_space))
+    obs, _ = dm.envs.reset(seed=0)
+    m.next_obs, m.next_autoreset = torch.as_tensor(obs), torch.zeros(1)
+    with pytest.raises(FloatingPointError, match=r"moeparadigms-test/NaNAt2-v0 returned a NaN/inf observation or reward"):
+        m.collect_rollout(dm.envs)
+    with pytest.raises(FloatingPointError, match="NaN/inf observation"):
+        m.act(np.array([[np.nan, 0.0]], dtype=np.float32))
+    dm.teardown()
+
+
 def _fit(network: str = "dense", total: int = 3000, env_id: str = "CartPole-v1", **kw) -> PPO:
     pl.seed_everything(0)
     moe = None
