@@ -45,6 +45,7 @@ Paradigms (``--paradigms``, default all):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -271,6 +272,13 @@ def job_key(job_or_record: dict) -> tuple:
     return (r["paradigm"], r["benchmark"], r["method"], r["seed"], json.dumps(r["budget"], sort_keys=True))
 
 
+@functools.lru_cache(maxsize=16)
+def _iqm(scores_json: str) -> dict:
+    """rliable's IQM per method (cached: the stratified bootstrap takes tens of seconds on a busy machine, and the
+    summary is rewritten after every run of every paradigm)."""
+    return {m: dict(zip(("iqm", "ci_low", "ci_high"), v)) for m, v in rl_aggregate(json.loads(scores_json)).items()}
+
+
 def summarise(records: list[dict], verbose: bool = True) -> dict:
     effects, iqm, tables = [], {}, {}
     for (paradigm, bench, metric) in dict.fromkeys((r["paradigm"], r["benchmark"], r["metric"]) for r in records):
@@ -295,7 +303,7 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
                 if len(v) >= 2:
                     scores[m] = [[x] for x in v]
             if scores:
-                iqm[bench] = {m: dict(zip(("iqm", "ci_low", "ci_high"), v)) for m, v in rl_aggregate(scores).items()}
+                iqm[bench] = _iqm(json.dumps(scores, sort_keys=True))
     # one table, each paradigm's rows with its metric's digits
     parts = [effects_table(es, digits=DIGITS.get(p, 3)).splitlines() for p, es in tables.items()]
     rows = parts[0] + [row for part in parts[1:] for row in part[2:]] if parts else []
