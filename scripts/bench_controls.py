@@ -6,8 +6,8 @@ Records (``--out``, ``benchmarks/results/controls.json``): ``{"paradigm", "bench
 ``wall_s``, ``active_params`` and ``total_params`` (RL records: ``active_params`` and ``steps``; the others also
 ``budget``, the run's settings). The summary (``effects``) is, per benchmark and MoE method,
 "routing effect = MoE - best control" with the 95% bootstrap interval of the seed-paired difference and a verdict
-(:mod:`moeparadigms.benchmarks.stats`); RL adds each method's interquartile mean with rliable's stratified-bootstrap
-interval. The JSON is rewritten after every run, so a stopped run keeps what it finished (``--resume`` skips
+(:mod:`moeparadigms.benchmarks.stats`); ``effects_per_control`` the same against each control alone; RL adds
+each method's interquartile mean with rliable's stratified-bootstrap interval. The JSON is rewritten after every run, so a stopped run keeps what it finished (``--resume`` skips
 the runs an earlier --out already holds, matched on paradigm, benchmark, method, seed and budget).
 
 Control kinds: ``dense-same-trunk`` (the same block with one always-on expert of the MoE's active size: top_k x
@@ -280,7 +280,7 @@ def _iqm(scores_json: str) -> dict:
 
 
 def summarise(records: list[dict], verbose: bool = True) -> dict:
-    effects, iqm, tables = [], {}, {}
+    effects, per_control, iqm, tables = [], [], {}, {}
     for (paradigm, bench, metric) in dict.fromkeys((r["paradigm"], r["benchmark"], r["metric"]) for r in records):
         recs = [r for r in records if (r["paradigm"], r["benchmark"], r["metric"]) == (paradigm, bench, metric)
                 and r["value"] is not None]
@@ -296,6 +296,10 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
                 continue
             effects.append(effect)
             tables.setdefault(paradigm, []).append(effect)
+            if len(controls) > 1:  # and against each control alone (the best one is picked on the same seeds)
+                for c in controls:
+                    per_control.append(routing_effect([r for r in mine if r["method"] in (method, c)], method=method,
+                                                      controls=[c]))
         if paradigm == "rl":
             scores = {}
             for m in dict.fromkeys(r["method"] for r in recs):
@@ -307,7 +311,8 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
     # one table, each paradigm's rows with its metric's digits
     parts = [effects_table(es, digits=DIGITS.get(p, 3)).splitlines() for p, es in tables.items()]
     rows = parts[0] + [row for part in parts[1:] for row in part[2:]] if parts else []
-    return {"effects": [e.as_dict() for e in effects], "iqm": iqm, "markdown": "\n".join(rows)}
+    return {"effects": [e.as_dict() for e in effects], "effects_per_control": [e.as_dict() for e in per_control],
+            "iqm": iqm, "markdown": "\n".join(rows)}
 
 
 def write(path: Path, records: list[dict], verbose: bool = True, **meta) -> dict:
