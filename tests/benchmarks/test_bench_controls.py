@@ -75,6 +75,10 @@ def test_bench_controls_quick_other_paradigms(tmp_path):
         assert e["control"] in [m for p in NEW.values() for m, c in p.items() if c is not None and m.startswith(method)]
         assert e["ci_low"] <= e["diff"] <= e["ci_high"] and e["seeds"] == [0, 1]
         assert f"| {e['paradigm']} | {bench} |" in data["markdown"]
+    # and against each control alone, where there are several
+    per = {(e["benchmark"], e["control"]) for e in data["effects_per_control"]}
+    assert per == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m, c in methods.items()
+                   if c is not None and p != "continual"}
     # --resume runs nothing new when every run is there; another budget (full) would be new runs
     r2 = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
