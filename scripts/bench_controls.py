@@ -29,7 +29,7 @@ Paradigms (``--paradigms``, default all):
   ``task-moe-hash`` (the 8 experts under a HashRouter, top-2), ``task-moe-task-only``
   (``conditioning="task_only"``).
 * ``meta``: second-order MAML over ``Linear -> ReLU -> residual MoE block (4 experts of hidden 32, top-2) -> head``
-  (scripts/bench_meta.py's ``moe-maml``) on 5-shot sinusoid regression, metric: test MSE after 10 inner steps
+  (scripts/bench_meta.py's ``moe-maml``) on 5-shot sinusoid (``--meta-benchmarks`` adds multimodal), metric: test MSE after 10 inner steps
   on held-out tasks. Controls: ``moe-maml-dense-trunk`` (one expert of hidden 64) and ``moe-maml-hash``.
 * ``continual``: expert growth with Gaussian experience inference (configs/continual/expert_growth.yaml: one
   expert of hidden 128 per experience, old ones frozen) on class-incremental split digits (10 epochs per
