@@ -3,27 +3,49 @@ paired by seed (issue 14).
 
 Records (``--out``, ``benchmarks/results/controls.json``): ``{"paradigm", "benchmark", "method", "control", "seed",
 "metric", "higher_is_better", "value"}`` (``control``: ``None`` for an MoE method, else the control's kind), plus
-``wall_s``, ``active_params`` and ``total_params``. The summary (``effects``) is, per benchmark and MoE method,
+``wall_s``, ``active_params`` and ``total_params`` (RL records: ``active_params`` and ``steps``; the others also
+``budget``, the run's settings). The summary (``effects``) is, per benchmark and MoE method,
 "routing effect = MoE - best control" with the 95% bootstrap interval of the seed-paired difference and a verdict
-(:mod:`moeparadigms.benchmarks.stats`); RL adds each method's interquartile mean with rliable's stratified-bootstrap
-interval. The JSON is rewritten after every run, so a stopped run keeps what it finished (``--resume`` skips
-the runs an earlier --out already holds).
+(:mod:`moeparadigms.benchmarks.stats`); ``effects_per_control`` the same against each control alone; RL adds
+each method's interquartile mean with rliable's stratified-bootstrap interval. The JSON is rewritten after every run, so a stopped run keeps what it finished (``--resume`` skips
+the runs an earlier --out already holds, matched on paradigm, benchmark, method, seed and budget).
 
-Paradigms so far:
+Control kinds: ``dense-same-trunk`` (the same block with one always-on expert of the MoE's active size: top_k x
+the expert hidden width), ``moe-fixed-routing`` (the same experts, same initialisation, under the core's fixed
+hash router), ``moe-task-only`` (routing by the task id alone), ``single-scaled-expert`` (Soft MoE's slots into
+one expert of the four's parameters). Active parameters: what one sample's forward uses (top_k experts of a bank);
+total parameters: every parameter.
+
+Paradigms (``--paradigms``, default all):
 
 * ``rl``: PPO on CartPole-v1 and Acrobot-v1 (SB3 zoo settings, 100k steps, 10 seeds), metric: final return (mean
-  of the last 20 episodes). ``ppo-moe`` (residual top-2 of 4 experts) against ``ppo-moe-dense-trunk`` (the same
-  block with one always-on expert of the active size; ``dense-same-trunk``) and ``ppo-moe-hash`` (the same experts
-  under a fixed hash router; ``moe-fixed-routing``); ``ppo-soft-moe`` against Sokar et al.'s
-  ``ppo-soft-moe-one-expert`` (same tokenisation and slots, one expert of the four's parameters;
-  ``single-scaled-expert``). The methods are defined in ``scripts/bench_rl.py``.
+  of the last 20 episodes). ``ppo-moe`` (residual top-2 of 4 experts) against ``ppo-moe-dense-trunk``
+  (``dense-same-trunk``) and ``ppo-moe-hash`` (``moe-fixed-routing``); ``ppo-soft-moe`` against Sokar et al.'s
+  ``ppo-soft-moe-one-expert`` (``single-scaled-expert``). The methods are defined in ``scripts/bench_rl.py``.
+* ``multitask``: Task-MoE (configs/multitask/task_moe.yaml: residual block of width 32, 8 experts of hidden 21,
+  top-2, task embedding concatenated into the gate) on the MMoE synthetic data at p=0.5 and p=0.1 (the harder
+  conflict), trained as scripts/bench_multitask.py trains it (4,000 samples, 30 epochs, batch 128, lr 1e-2),
+  metric: test MSE averaged over the two tasks. Controls: ``task-moe-dense-trunk`` (one expert of hidden 42),
+  ``task-moe-hash`` (the 8 experts under a HashRouter, top-2), ``task-moe-task-only``
+  (``conditioning="task_only"``).
+* ``meta``: second-order MAML over ``Linear -> ReLU -> residual MoE block (4 experts of hidden 32, top-2) -> head``
+  (scripts/bench_meta.py's ``moe-maml``) on 5-shot sinusoid (``--meta-benchmarks`` adds multimodal), metric: test MSE after 10 inner steps
+  on held-out tasks. Controls: ``moe-maml-dense-trunk`` (one expert of hidden 64) and ``moe-maml-hash``.
+* ``continual``: expert growth with Gaussian experience inference (configs/continual/expert_growth.yaml: one
+  expert of hidden 128 per experience, old ones frozen) on class-incremental split digits (10 epochs per
+  experience), metric: final average accuracy. Control: ``moe-growth-one-expert`` (``dense-same-trunk``): the same
+  module, Gaussian inference and per-experience heads over ONE shared expert of hidden 128, no growth, nothing
+  frozen (``FixedExperts``). Growth with a learned router instead of the inference has no option in
+  ContinualMoE (growth policies need the ExperienceRouter) and is not run.
 
     python scripts/bench_controls.py --out benchmarks/results/controls.json
-    python scripts/bench_controls.py --quick --out /tmp/controls.json      # smoke run (seconds)
+    python scripts/bench_controls.py --paradigms multitask meta continual --out benchmarks/results/controls.json --resume
+    python scripts/bench_controls.py --quick --out /tmp/controls.json      # smoke run of every paradigm (seconds)
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -34,9 +56,37 @@ import bench_rl  # noqa: E402  (the RL methods, the zoo settings and one run)
 
 from moeparadigms.benchmarks.stats import effects_table, rl_aggregate, routing_effect  # noqa: E402
 
+PARADIGMS = ("rl", "multitask", "meta", "continual")
+# each paradigm's MoE methods and their controls (rl: bench_rl.CONTROLS)
+MT_CONTROLS = {"task-moe": ("task-moe-dense-trunk", "task-moe-hash", "task-moe-task-only")}
+META_CONTROLS = {"moe-maml": ("moe-maml-dense-trunk", "moe-maml-hash")}
+CL_CONTROLS = {"moe-growth": ("moe-growth-one-expert",)}
+CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS}
 CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-fixed-routing",
-                "ppo-soft-moe-one-expert": "single-scaled-expert"}
+                "ppo-soft-moe-one-expert": "single-scaled-expert",
+                "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
+                "task-moe-task-only": "moe-task-only",
+                "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing",
+                "moe-growth-one-expert": "dense-same-trunk"}
 RL_METHODS = bench_rl.CONTROL_METHODS  # each MoE method followed by its controls
+
+
+def _methods(groups: dict) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for moe, controls in groups.items() for m in (moe, *controls)))
+
+
+METHODS = {p: (RL_METHODS if p == "rl" else _methods(g)) for p, g in CONTROLS.items()}
+ALL_METHODS = tuple(m for p in PARADIGMS for m in METHODS[p])
+DIGITS = {"rl": 1, "multitask": 4, "meta": 3, "continual": 4}  # table digits per paradigm's metric
+
+# budgets (full / quick); every record keeps its budget, --resume matches on it
+MT_P = (0.5, 0.1)
+MT_BUDGET = {"full": dict(n_train=4000, n_test=4000, epochs=30, batch_size=128, lr=1e-2),
+             "quick": dict(n_train=256, n_test=256, epochs=1, batch_size=128, lr=1e-2)}
+META_BUDGET = {"full": dict(K=5, query=10, meta_batch=8, iters=500, tasks=300),
+               "quick": dict(K=5, query=10, meta_batch=4, iters=3, tasks=10)}
+CL_BUDGET = {"full": dict(epochs=10), "quick": dict(epochs=1)}
+SEEDS = {"full": {"rl": 10, "multitask": 10, "meta": 5, "continual": 10}, "quick": dict.fromkeys(PARADIGMS, 2)}
 
 
 def rl_record(rec: dict) -> dict:
@@ -45,18 +95,211 @@ def rl_record(rec: dict) -> dict:
             "wall_s": rec["wall_s"], "active_params": rec["active_params"], "steps": rec["steps"]}
 
 
-def summarise(records: list[dict]) -> dict:
-    effects, iqm = [], {}
+def _record(job: dict, metric: str, higher: bool, value: float, wall: float, active: int, total: int, **extra) -> dict:
+    return {"paradigm": job["paradigm"], "benchmark": job["benchmark"], "method": job["method"],
+            "control": CONTROL_KIND.get(job["method"]), "seed": job["seed"], "metric": metric, "higher_is_better": higher,
+            "value": value, "wall_s": wall, "active_params": active, "total_params": total, "budget": job["budget"], **extra}
+
+
+def _active(total: int, moe) -> int:
+    """``total`` less the experts one sample does not use: of a bank of E experts, top_k run per token."""
+    bank = sum(p.numel() for p in moe.experts.parameters())
+    k = getattr(moe.router, "top_k", moe.experts.num_experts)
+    return total - bank + bank * k // moe.experts.num_experts
+
+
+# ---------------------------------------------------------------------------------------------- multitask
+def run_multitask(job: dict) -> dict:
+    """Task-MoE or one of its controls on the MMoE synthetic data at ``job["p"]`` (bench_multitask's data,
+    training loop and evaluation)."""
+    import bench_multitask as bm
+    import torch
+
+    from moeparadigms.benchmarks.multitask import SYNTHETIC_TASKS, MMoESyntheticProblem
+    from moeparadigms.core import HashRouter, MoE
+    from moeparadigms.paradigms.multitask import MultiTaskMoE, TaskMoE
+
+    torch.set_num_threads(1)
+    b, seed, method = job["budget"], job["seed"], job["method"]
+    # configs/multitask/task_moe.yaml's sizes
+    kw = dict(d_model=32, num_experts=8, expert_hidden=21, top_k=2, depth=1, conditioning="concat", task_dim=8,
+              load_balance_coef=0.01, z_loss_coef=0.001)
+    if method == "task-moe-dense-trunk":  # one always-on expert of the active size
+        kw.update(num_experts=1, expert_hidden=kw["top_k"] * kw["expert_hidden"], top_k=1)
+    if method == "task-moe-task-only":
+        kw.update(conditioning="task_only")
+    prob = MMoESyntheticProblem(p=job["p"], seed=bm.PROBLEM_SEED)  # bench_multitask's instance and sample seeds
+    (xtr, ytr), (xte, yte) = prob.sample(b["n_train"], seed=10_000 + seed), prob.sample(b["n_test"], seed=20_000 + seed)
+    torch.manual_seed(seed)
+    model = MultiTaskMoE(in_features=xtr.shape[1], tasks=SYNTHETIC_TASKS, architecture=TaskMoE(**kw), tower_hidden=8,
+                         lr=b["lr"], usage_plot=False)
+    if method == "task-moe-hash":  # the same experts (same initial draw) under a fixed hash router
+        for block in model.net.blocks:
+            block.moe = MoE(router=HashRouter(d_model=kw["d_model"], num_experts=kw["num_experts"], top_k=kw["top_k"],
+                                              seed=seed), experts=block.moe.experts)
+    total = sum(p.numel() for p in model.parameters())
+    active = total
+    for block in model.net.blocks:
+        active = _active(active, block.moe)
+    t0 = time.perf_counter()
+    bm.train(model, xtr, ytr, epochs=b["epochs"], batch_size=b["batch_size"], seed=seed)
+    wall = time.perf_counter() - t0
+    rows = bm.evaluate(model, xte, yte)
+    value = sum(v for _, _, v in rows) / len(rows)
+    return _record(job, "test_mse_mean_of_tasks", False, value, wall, active, total, per_task={t: v for t, _, v in rows})
+
+
+# ---------------------------------------------------------------------------------------------- meta
+def run_meta(job: dict) -> dict:
+    """MoE MAML or one of its controls (bench_meta's network, data and settings): post-adaptation test MSE."""
+    import bench_meta
+    import pytorch_lightning as pl
+    import torch
+
+    from moeparadigms.benchmarks import meta as M
+    from moeparadigms.core import HashRouter, MLPExperts, MoE, TopKRouter
+    from moeparadigms.paradigms.meta import MetaMoE
+
+    torch.set_num_threads(1)
+    b, seed, method = job["budget"], job["seed"], job["method"]
+    pl.seed_everything(seed, workers=True, verbose=False)
+    dm = getattr(M, bench_meta.BENCHMARKS[job["benchmark"]])(
+        shots=b["K"], query=b["query"], meta_batch_size=b["meta_batch"], meta_iterations=b["iters"],
+        num_test_tasks=b["tasks"], eval_batch_size=100, seed=seed)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    D, E, H, k = 32, 4, 32, 2  # bench_meta's moe-maml block
+    if method == "moe-maml":
+        moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=k),
+                  experts=MLPExperts(d_model=D, hidden=H, num_experts=E, backend="autograd"),
+                  load_balance_coef=0.01, z_loss_coef=0.0)
+    elif method == "moe-maml-dense-trunk":
+        moe = MoE(router=TopKRouter(d_model=D, num_experts=1, top_k=1),
+                  experts=MLPExperts(d_model=D, hidden=k * H, num_experts=1, backend="autograd"),
+                  load_balance_coef=0.01, z_loss_coef=0.0)
+    elif method == "moe-maml-hash":
+        TopKRouter(d_model=D, num_experts=E, top_k=k)  # drawn and dropped: the experts get moe-maml's initial draw
+        moe = MoE(router=HashRouter(d_model=D, num_experts=E, top_k=k, seed=seed),
+                  experts=MLPExperts(d_model=D, hidden=H, num_experts=E, backend="autograd"),
+                  load_balance_coef=0.0, z_loss_coef=0.0)
+    else:
+        raise ValueError(f"unknown meta method {method!r}")
+    model = MetaMoE(moe=moe, algorithm="maml", adapt=["all"], inner_steps=1, inner_lr=bench_meta.INNER_LR[job["benchmark"]],
+                    eval_steps=10, outer_lr=1e-3, plots=False, in_features=dm.in_features, out_features=dm.out_features,
+                    task_kind=dm.kind)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", inference_mode=False, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    t0 = time.perf_counter()
+    trainer.fit(model, dm)
+    wall = time.perf_counter() - t0
+    trainer.test(model, dm, verbose=False)
+    r = model.eval_results["test"]
+    total = sum(p.numel() for p in model.net.parameters())
+    return _record(job, "test_mse_after_10_steps", False, float(r["mean"][10]), wall, _active(total, moe), total,
+                   mse_before_adaptation=float(r["mean"][0]), mse_after_1_step=float(r["mean"][1]))
+
+
+# ---------------------------------------------------------------------------------------------- continual
+def run_continual(job: dict) -> dict:
+    """Expert growth with Gaussian experience inference, or the same module over one shared expert (bench_continual's
+    stream, sizes and Trainer)."""
+    import bench_continual
+    import pytorch_lightning as pl
+    import torch
+
+    from moeparadigms.core import MLPExperts, MoE
+    from moeparadigms.paradigms.continual import ContinualMoE, ExperienceRouter, ExpertPerExperience, FixedExperts
+    from moeparadigms.paradigms.continual_metrics import continual_summary
+
+    torch.set_num_threads(1)
+    b, seed, method = job["budget"], job["seed"], job["method"]
+    dm = bench_continual.make_stream("split-digits", "class-incremental", b["epochs"], seed)
+    pl.seed_everything(seed, verbose=False)
+    D, H = 64, 128  # configs/continual/expert_growth.yaml
+    moe = MoE(router=ExperienceRouter(d_model=D, num_experts=1, top_k=1), experts=MLPExperts(d_model=D, hidden=H, num_experts=1),
+              load_balance_coef=0.0, z_loss_coef=0.0)
+    if method == "moe-growth":
+        growth = ExpertPerExperience(experts=1)
+    elif method == "moe-growth-one-expert":
+        growth = FixedExperts()
+    else:
+        raise ValueError(f"unknown continual method {method!r}")
+    model = ContinualMoE(moe=moe, growth=growth, lr=1e-3, seed=seed, replay_size=0, plots=False)
+    trainer = pl.Trainer(max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    trainer.fit(model, dm)
+    wall = time.perf_counter() - t0
+    R, _, trained = model.acc_matrix.matrix()
+    s = continual_summary(R, None, trained=trained)
+    total = sum(p.numel() for p in model.parameters())
+    # one experience's path: the shared layers, the experts it routes to, its own head (the inference then mixes
+    # the paths of every experience seen, in both the method and the control)
+    head = sum(p.numel() for p in model.heads[0].parameters())
+    active = _active(total, model.moe) - (len(model.heads) - 1) * head
+    return _record(job, "final_avg_acc", True, float(s["avg_acc"]), wall, active, total,
+                   forgetting=float(s["forgetting"]), num_experts=int(model.moe.num_experts))
+
+
+RUNNERS = {"rl": lambda job: rl_record(bench_rl.run_one(job)), "multitask": run_multitask, "meta": run_meta,
+           "continual": run_continual}
+
+
+def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str], envs: list[str],
+              meta_benchmarks: list[str]) -> list[dict]:
+    """One paradigm's runs, the methods interleaved per seed (the same machine load for a method and its controls)."""
+    mode = "quick" if quick else "full"
+    n = seeds or SEEDS[mode][paradigm]
+    ms = [m for m in METHODS[paradigm] if m in methods]
+    if paradigm == "rl":
+        es, steps = (["CartPole-v1"], 1_000) if quick else (envs, None)
+        return [dict(paradigm="rl", env=e, seed=s, method=m, steps=steps or bench_rl.STEPS[e])
+                for e in es for s in range(n) for m in ms]
+    if paradigm == "multitask":
+        return [dict(paradigm=paradigm, benchmark=f"mmoe-synthetic-p{p}", p=p, seed=s, method=m, budget=MT_BUDGET[mode])
+                for p in MT_P for s in range(n) for m in ms]
+    if paradigm == "meta":
+        return [dict(paradigm=paradigm, benchmark=b, seed=s, method=m, budget=META_BUDGET[mode])
+                for b in meta_benchmarks for s in range(n) for m in ms]
+    return [dict(paradigm=paradigm, benchmark="split-digits-ci", seed=s, method=m, budget=CL_BUDGET[mode])
+            for s in range(n) for m in ms]
+
+
+def job_key(job_or_record: dict) -> tuple:
+    r = job_or_record
+    if r["paradigm"] == "rl":
+        return ("rl", r.get("env", r.get("benchmark")), r["method"], r["seed"], r["steps"])
+    return (r["paradigm"], r["benchmark"], r["method"], r["seed"], json.dumps(r["budget"], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _iqm(scores_json: str) -> dict:
+    """rliable's IQM per method (cached: the stratified bootstrap takes tens of seconds on a busy machine, and the
+    summary is rewritten after every run of every paradigm)."""
+    return {m: dict(zip(("iqm", "ci_low", "ci_high"), v)) for m, v in rl_aggregate(json.loads(scores_json)).items()}
+
+
+def summarise(records: list[dict], verbose: bool = True) -> dict:
+    effects, per_control, iqm, tables = [], [], {}, {}
     for (paradigm, bench, metric) in dict.fromkeys((r["paradigm"], r["benchmark"], r["metric"]) for r in records):
         recs = [r for r in records if (r["paradigm"], r["benchmark"], r["metric"]) == (paradigm, bench, metric)
                 and r["value"] is not None]
-        groups = bench_rl.CONTROLS if paradigm == "rl" else {}
-        for method, controls in groups.items():
+        for method, controls in CONTROLS.get(paradigm, {}).items():
             mine = [r for r in recs if r["method"] in (method, *controls)]
+            if not any(r["method"] == method for r in mine):
+                continue  # this method was not run on this benchmark
             try:
-                effects.append(routing_effect(mine, method=method, controls=list(controls)))
-            except ValueError as e:  # too few paired seeds so far: say so
-                print(f"{bench}/{method}: {e}", file=sys.stderr)
+                effect = routing_effect(mine, method=method, controls=list(controls))
+            except ValueError as e:  # too few paired seeds so far: say so (at the end, not after every run)
+                if verbose:
+                    print(f"{bench}/{method}: {e}", file=sys.stderr)
+                continue
+            effects.append(effect)
+            tables.setdefault(paradigm, []).append(effect)
+            if len(controls) > 1:  # and against each control alone (the best one is picked on the same seeds)
+                for c in controls:
+                    per_control.append(routing_effect([r for r in mine if r["method"] in (method, c)], method=method,
+                                                      controls=[c]))
         if paradigm == "rl":
             scores = {}
             for m in dict.fromkeys(r["method"] for r in recs):
@@ -64,12 +307,16 @@ def summarise(records: list[dict]) -> dict:
                 if len(v) >= 2:
                     scores[m] = [[x] for x in v]
             if scores:
-                iqm[bench] = {m: dict(zip(("iqm", "ci_low", "ci_high"), v)) for m, v in rl_aggregate(scores).items()}
-    return {"effects": [e.as_dict() for e in effects], "iqm": iqm, "markdown": effects_table(effects, digits=1)}
+                iqm[bench] = _iqm(json.dumps(scores, sort_keys=True))
+    # one table, each paradigm's rows with its metric's digits
+    parts = [effects_table(es, digits=DIGITS.get(p, 3)).splitlines() for p, es in tables.items()]
+    rows = parts[0] + [row for part in parts[1:] for row in part[2:]] if parts else []
+    return {"effects": [e.as_dict() for e in effects], "effects_per_control": [e.as_dict() for e in per_control],
+            "iqm": iqm, "markdown": "\n".join(rows)}
 
 
-def write(path: Path, records: list[dict], **meta) -> dict:
-    summary = summarise(records)
+def write(path: Path, records: list[dict], verbose: bool = True, **meta) -> dict:
+    summary = summarise(records, verbose)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({**meta, **summary, "records": records}, indent=1) + "\n")
@@ -77,39 +324,55 @@ def write(path: Path, records: list[dict], **meta) -> dict:
     return summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--quick", action="store_true", help="CartPole, 1,000 steps, 2 seeds: a smoke run")
-    ap.add_argument("--paradigms", nargs="+", default=["rl"], choices=["rl"])
-    ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1"], choices=["CartPole-v1", "Acrobot-v1"])
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--methods", nargs="+", default=list(RL_METHODS), choices=list(RL_METHODS))
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run of every paradigm (seconds each): tiny budgets, 2 seeds, RL on CartPole for 1,000 steps")
+    ap.add_argument("--paradigms", nargs="+", default=list(PARADIGMS), choices=list(PARADIGMS))
+    ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1"], choices=["CartPole-v1", "Acrobot-v1"],
+                    help="rl's environments")
+    ap.add_argument("--meta-benchmarks", nargs="+", default=["sinusoid"], choices=["sinusoid", "multimodal"])
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="seeds per paradigm (default: " + ", ".join(f"{p} {n}" for p, n in SEEDS["full"].items()) + ")")
+    ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS),
+                    help="run only these methods (of every paradigm in --paradigms)")
     ap.add_argument("--resume", action="store_true", help="keep the records --out already holds and run the rest")
-    args = ap.parse_args()
-    envs, seeds, steps = (["CartPole-v1"], 2, 1_000) if args.quick else (args.envs, args.seeds, None)
-    jobs = [dict(env=e, seed=s, method=m, steps=steps or bench_rl.STEPS[e])
-            for e in envs for s in range(seeds) for m in args.methods]  # methods interleaved per seed: same load
+    args = ap.parse_args(argv)
+    jobs = [j for p in args.paradigms
+            for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks)]
     records: list[dict] = []
+    runs: list[dict] = []
     if args.resume and args.out.is_file():
-        records = json.loads(args.out.read_text())["records"]
-        done = {(r["benchmark"], r["method"], r["seed"], r["steps"]) for r in records}
-        jobs = [j for j in jobs if (j["env"], j["method"], j["seed"], j["steps"]) not in done]
+        old = json.loads(args.out.read_text())
+        records = old["records"]
+        # earlier invocations' commands and wall times (the first file kept one at the top level)
+        runs = old.get("runs") or ([{"command": old["command"], "wall_s": old["wall_s"]}] if "command" in old else [])
+        done = {job_key(r) for r in records}
+        jobs = [j for j in jobs if job_key(j) not in done]
     import logging
     import warnings
 
     import pytorch_lightning  # noqa: F401  (it sets its logger's level on import: import it first)
     from rich.progress import track
 
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no per-run "Trainer.fit stopped" lines
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # no per-run "Trainer.fit stopped" / GPU-available lines
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's own
+    warnings.filterwarnings("ignore", message=r"ContinualMoE: moe was not built from plain values")  # no checkpoints here
+    warnings.filterwarnings("ignore", module=r"pytorch_lightning.*")  # num_workers / log-batch-size notices per fit
 
     t0 = time.perf_counter()
-    cmd = " ".join(["python", "scripts/bench_controls.py", *sys.argv[1:]])
+    cmd = " ".join(["python", "scripts/bench_controls.py", *(sys.argv[1:] if argv is None else argv)])
+
+    def meta() -> dict:
+        return {"runs": [*runs, {"command": cmd, "wall_s": time.perf_counter() - t0}]}
+
+    summary = None
     for job in track(jobs, description="controls"):
-        records.append(rl_record(bench_rl.run_one(job)))
-        summary = write(args.out, records, command=cmd, wall_s=time.perf_counter() - t0)
-    summary = write(args.out, records, command=cmd, wall_s=time.perf_counter() - t0)
+        records.append(RUNNERS[job["paradigm"]](job))
+        summary = write(args.out, records, verbose=False, **meta())
+    summary = write(args.out, records, **meta())
     print(summary["markdown"])
     for bench, per in summary["iqm"].items():
         for m, v in per.items():

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,3 +35,55 @@ def test_bench_controls_quick(tmp_path):
                          "--methods", "ppo-moe", "ppo-moe-dense-trunk", "ppo-moe-hash"],
                         capture_output=True, text=True, timeout=120)
     assert r2.returncode == 0 and len(json.loads(out.read_text())["records"]) == 6
+
+
+NEW = {"multitask": {"task-moe": None, "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
+                     "task-moe-task-only": "moe-task-only"},
+       "meta": {"moe-maml": None, "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing"},
+       "continual": {"moe-growth": None, "moe-growth-one-expert": "dense-same-trunk"}}
+BENCHES = {"multitask": {"mmoe-synthetic-p0.5", "mmoe-synthetic-p0.1"}, "meta": {"sinusoid"}, "continual": {"split-digits-ci"}}
+
+
+@pytest.mark.timeout(1800)  # ~3.5 min on the shared 2-core machine, over 10 min when it is loaded
+def test_bench_controls_quick_other_paradigms(tmp_path):
+    """Every non-RL paradigm's path: each MoE method and its controls on 2 seeds, paired, summarised; resumable."""
+    out = tmp_path / "controls.json"
+    cmd = [sys.executable, str(ROOT / "scripts/bench_controls.py"), "--quick", "--out", str(out),
+           "--paradigms", "multitask", "meta", "continual"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    keys = {"paradigm", "benchmark", "method", "control", "seed", "metric", "higher_is_better", "value", "wall_s",
+            "active_params", "total_params", "budget"}
+    assert all(keys <= rec.keys() for rec in data["records"])
+    got = {(rec["paradigm"], rec["benchmark"], rec["method"], rec["control"], rec["seed"]) for rec in data["records"]}
+    assert got == {(p, b, m, c, s) for p, methods in NEW.items() for b in BENCHES[p] for m, c in methods.items()
+                   for s in (0, 1)}
+    assert len(data["records"]) == len(got)
+    by = {(rec["benchmark"], rec["method"]): rec for rec in data["records"] if rec["seed"] == 0}
+    for bench, moe, dense, fixed in [("mmoe-synthetic-p0.5", "task-moe", "task-moe-dense-trunk", "task-moe-hash"),
+                                     ("sinusoid", "moe-maml", "moe-maml-dense-trunk", "moe-maml-hash")]:
+        m, d, h = by[(bench, moe)], by[(bench, dense)], by[(bench, fixed)]
+        # the dense trunk: one expert of the MoE's active size (the routers' weights and one bias apart), all of it active
+        assert 0 < m["active_params"] - d["active_params"] <= 400 and d["active_params"] == d["total_params"]
+        assert m["total_params"] > 2 * m["active_params"] - d["active_params"]  # the MoE holds more than it uses
+        # the fixed router learns nothing: the MoE's parameters less its router's
+        assert h["total_params"] < m["total_params"] and m["total_params"] - h["total_params"] <= 400
+    g, one = by[("split-digits-ci", "moe-growth")], by[("split-digits-ci", "moe-growth-one-expert")]
+    assert g["num_experts"] == 5 and one["num_experts"] == 1 and abs(g["active_params"] - one["active_params"]) <= 64 * 4
+    assert all(rec["higher_is_better"] is (rec["paradigm"] == "continual") for rec in data["records"])
+    effects = {(e["benchmark"], e["method"]): e for e in data["effects"]}
+    assert set(effects) == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m, c in methods.items() if c is None}
+    for (bench, method), e in effects.items():
+        assert e["control"] in [m for p in NEW.values() for m, c in p.items() if c is not None and m.startswith(method)]
+        assert e["ci_low"] <= e["diff"] <= e["ci_high"] and e["seeds"] == [0, 1]
+        assert f"| {e['paradigm']} | {bench} |" in data["markdown"]
+    # and against each control alone, where there are several
+    per = {(e["benchmark"], e["control"]) for e in data["effects_per_control"]}
+    assert per == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m, c in methods.items()
+                   if c is not None and p != "continual"}
+    # --resume runs nothing new when every run is there; another budget (full) would be new runs
+    r2 = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert len(json.loads(out.read_text())["records"]) == len(got)
+    assert len(json.loads(out.read_text())["runs"]) == 2
