@@ -82,7 +82,7 @@ def _compiled(moe, mlp, d: int, tokens: list[int], n: int, repeats: int) -> list
         compile_train = time.perf_counter() - t0
         row = {"tokens": t, "compile_forward_s": compile_fwd, "compile_train_s": compile_train}
         for phase in ("forward", "train"):
-            m = _interleaved({"moe": lambda p=phase: _step(cmoe, x, p), "mlp": lambda p=phase: _step(mlp, x, p)}, n, repeats)
+            m = _interleaved({"moe": lambda p=phase: _step(cmoe, x, p), "mlp": lambda p=phase: _step(mlp, x, p)}, n, repeats)  # noqa: B023 (timed at once, in this iteration)
             row[f"{phase}_compiled_us"], row[f"{phase}_mlp_us"] = m["moe"], m["mlp"]
             row[f"{phase}_ratio"] = m["moe"] / m["mlp"]
         out.append(row)
@@ -151,15 +151,15 @@ def main() -> None:
             for phase in ("forward", "train"):
 
                 def moe_step(flag, p=phase, x=x):
-                    moe.dense_dispatch = flag
-                    _step(moe, x, p)
+                    moe.dense_dispatch = flag  # noqa: B023 (timed at once, in this iteration)
+                    _step(moe, x, p)  # noqa: B023 (timed at once, in this iteration)
 
                 fns = {"sorted": lambda: moe_step(False), "dense": lambda: moe_step(True)}
                 if phase == "forward":
                     rollout.dense_dispatch = row["auto_dense"]
-                    fns["rollout"] = lambda x=x: _step(rollout, x, "forward")
-                fns["mlp"] = lambda p=phase, x=x: _step(mlp, x, p)
-                fns["linear"] = lambda p=phase, x=x: _step(lin, x, p)
+                    fns["rollout"] = lambda x=x: _step(rollout, x, "forward")  # noqa: B023 (timed at once, in this iteration)
+                fns["mlp"] = lambda p=phase, x=x: _step(mlp, x, p)  # noqa: B023 (timed at once, in this iteration)
+                fns["linear"] = lambda p=phase, x=x: _step(lin, x, p)  # noqa: B023 (timed at once, in this iteration)
                 m = _interleaved(fns, n, repeats)
                 for name, us in m.items():
                     row[f"{phase}_{name}_us"] = us
