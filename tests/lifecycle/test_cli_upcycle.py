@@ -163,6 +163,19 @@ def _cli(stage: str, root: Path, *args: str) -> None:
           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
 
 
+def _dense(root: Path, base: list[str]) -> Path:
+    """Fit the one-expert config ``base`` under ``root``; its last checkpoint."""
+    _cli("fit", root, *base)
+    return next(root.rglob("last.ckpt"))
+
+
+def _upcycled(tmp_path: Path, base: list[str], dense_ckpt: Path, num_experts: int = 4) -> tuple[Path, Path]:
+    """Fit ``base`` again with the Upcycle callback from ``dense_ckpt``: (the callback's YAML, the last checkpoint)."""
+    up = _upcycle_cb(tmp_path / "up.yaml", dense_ckpt, num_experts=num_experts)
+    _cli("fit", tmp_path / "up", *base, "--config", str(up))
+    return up, next((tmp_path / "up").rglob("last.ckpt"))
+
+
 CONTINUAL_TASK = ROOT / "tasks" / "continual" / "split_digits.yaml"
 CONTINUAL_FIXED = ROOT / "configs" / "continual" / "fixed.yaml"
 CONTINUAL_ONE = ["--model.init_args.moe.init_args.router.init_args.num_experts=1",
@@ -172,18 +185,23 @@ CONTINUAL_SHORT = ["--data.init_args.n_experiences=2", "--data.init_args.epochs_
                    "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
 
 
-def test_a_trained_dense_continual_backbone_starts_an_upcycled_stream_from_yaml(tmp_path):
+CONTINUAL_BASE = ["--config", str(CONTINUAL_TASK), "--config", str(CONTINUAL_FIXED), *CONTINUAL_ONE, *CONTINUAL_SHORT]
+
+
+@pytest.fixture(scope="module")
+def continual_dense(tmp_path_factory) -> Path:
+    """One dense (one-expert) continual run, shared by the continual tests."""
+    return _dense(tmp_path_factory.mktemp("continual_dense"), CONTINUAL_BASE)
+
+
+def test_a_trained_dense_continual_backbone_starts_an_upcycled_stream_from_yaml(tmp_path, continual_dense):
     """The continual module builds from the stream in its own setup: the callback builds it, loads the one-expert
     backbone trained on the stream, and upcycles it into 4 experts; the checkpoint reloads from its file alone and
     tests through the CLI."""
     from moeparadigms.paradigms.continual import ContinualMoE
 
-    base = ["--config", str(CONTINUAL_TASK), "--config", str(CONTINUAL_FIXED), *CONTINUAL_ONE, *CONTINUAL_SHORT]
-    _cli("fit", tmp_path / "dense", *base)
-    dense_ckpt = next((tmp_path / "dense").rglob("last.ckpt"))
-    up = _upcycle_cb(tmp_path / "up.yaml", dense_ckpt, num_experts=4)
-    _cli("fit", tmp_path / "up", *base, "--config", str(up))
-    up_ckpt = next((tmp_path / "up").rglob("last.ckpt"))
+    base, dense_ckpt = CONTINUAL_BASE, continual_dense
+    up, up_ckpt = _upcycled(tmp_path, base, dense_ckpt)
     ck, dense = safe_load(up_ckpt), safe_load(dense_ckpt)
     # the module keeps its MoE under two names (moe, block.moe): one layer, converted once
     assert ck["upcycle"]["converted"] == ["moe"] and ck["upcycle"]["num_experts"] == 4
@@ -197,12 +215,10 @@ def test_a_trained_dense_continual_backbone_starts_an_upcycled_stream_from_yaml(
     _cli("test", tmp_path / "test", *base, "--config", str(up), "--ckpt_path", str(up_ckpt), "--trainer.limit_test_batches=1")
 
 
-def test_upcycled_continual_model_equals_the_dense_backbone_at_step0(tmp_path):
+def test_upcycled_continual_model_equals_the_dense_backbone_at_step0(continual_dense):
     from moeparadigms.paradigms.continual import ContinualMoE
 
-    base = ["--config", str(CONTINUAL_TASK), "--config", str(CONTINUAL_FIXED), *CONTINUAL_ONE, *CONTINUAL_SHORT]
-    _cli("fit", tmp_path / "dense", *base)
-    dense_ckpt = next((tmp_path / "dense").rglob("last.ckpt"))
+    dense_ckpt = continual_dense
     dense, fresh = ContinualMoE.load_from_checkpoint(dense_ckpt), ContinualMoE.load_from_checkpoint(dense_ckpt)
     Upcycle(init_from=str(dense_ckpt), num_experts=4, top_k=2).setup(SimpleNamespace(ckpt_path=None), fresh, "fit")
     assert fresh.moe.num_experts == 4 and fresh.block.moe is fresh.moe
@@ -227,11 +243,7 @@ def test_a_trained_dense_meta_learner_starts_an_upcycled_meta_training_from_yaml
     from moeparadigms.paradigms.meta import MetaMoE
 
     base = ["--config", str(META_TASK), "--config", str(META_MOE), *META_ONE, *META_SHORT]
-    _cli("fit", tmp_path / "dense", *base)
-    dense_ckpt = next((tmp_path / "dense").rglob("last.ckpt"))
-    up = _upcycle_cb(tmp_path / "up.yaml", dense_ckpt, num_experts=4)
-    _cli("fit", tmp_path / "up", *base, "--config", str(up))
-    up_ckpt = next((tmp_path / "up").rglob("last.ckpt"))
+    _, up_ckpt = _upcycled(tmp_path, base, _dense(tmp_path / "dense", base))
     ck = safe_load(up_ckpt)
     assert ck["upcycle"]["num_experts"] == 4 and ck["upcycle"]["converted"]
     model = MetaMoE.load_from_checkpoint(up_ckpt)
@@ -254,8 +266,7 @@ def test_a_trained_dense_task_moe_starts_an_upcycled_multitask_run_from_yaml(tmp
     from moeparadigms.paradigms.multitask import MultiTaskMoE
 
     base = ["--config", str(MT_TASK), "--config", str(MT_TASK_MOE), *MT_ONE, *MT_SHORT]
-    _cli("fit", tmp_path / "dense", *base)
-    dense_ckpt = next((tmp_path / "dense").rglob("last.ckpt"))
+    dense_ckpt = _dense(tmp_path / "dense", base)
 
     dense, fresh = MultiTaskMoE.load_from_checkpoint(dense_ckpt), MultiTaskMoE.load_from_checkpoint(dense_ckpt)
     Upcycle(init_from=str(dense_ckpt), num_experts=4, top_k=2).setup(SimpleNamespace(ckpt_path=None), fresh, "fit")
@@ -268,9 +279,7 @@ def test_a_trained_dense_task_moe_starts_an_upcycled_multitask_run_from_yaml(tmp
         Upcycle(init_from=str(dense_ckpt), num_experts=4, top_k=1).setup(
             SimpleNamespace(ckpt_path=None), MultiTaskMoE.load_from_checkpoint(dense_ckpt), "fit")
 
-    up = _upcycle_cb(tmp_path / "up.yaml", dense_ckpt, num_experts=4)
-    _cli("fit", tmp_path / "up", *base, "--config", str(up))
-    up_ckpt = next((tmp_path / "up").rglob("last.ckpt"))
+    _, up_ckpt = _upcycled(tmp_path, base, dense_ckpt)
     ck = safe_load(up_ckpt)
     assert ck["upcycle"]["num_experts"] == 4 and ck["upcycle"]["converted"]
     assert ck["hyper_parameters"]["architecture"]["init_args"]["num_experts"] == 4
