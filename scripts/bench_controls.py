@@ -186,13 +186,7 @@ def run_meta(job: dict) -> dict:
     model = MetaMoE(moe=moe, algorithm="maml", adapt=["all"], inner_steps=1, inner_lr=bench_meta.INNER_LR[job["benchmark"]],
                     eval_steps=10, outer_lr=1e-3, plots=False, in_features=dm.in_features, out_features=dm.out_features,
                     task_kind=dm.kind)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", inference_mode=False, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    t0 = time.perf_counter()
-    trainer.fit(model, dm)
-    wall = time.perf_counter() - t0
-    trainer.test(model, dm, verbose=False)
-    r = model.eval_results["test"]
+    wall, r = bench_meta.fit_and_test(model, dm)
     total = sum(p.numel() for p in model.net.parameters())
     return _record(job, "test_mse_after_10_steps", False, float(r["mean"][10]), wall, _active(total, moe), total,
                    mse_before_adaptation=float(r["mean"][0]), mse_after_1_step=float(r["mean"][1]))

@@ -73,6 +73,20 @@ def _matched_width(method: str, dm, inner_lr: float, target: int) -> int:
     return min(range(8, 400), key=lambda w: abs(_count(_model(method, dm, w, inner_lr)) - target))
 
 
+def fit_and_test(model, dm) -> tuple[float, dict]:
+    """Meta-train ``model`` for one epoch of ``dm`` (no validation) and test it on the held-out tasks: (training
+    wall seconds, ``model.eval_results["test"]``)."""
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", inference_mode=False, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    t0 = time.perf_counter()
+    trainer.fit(model, dm)
+    train_s = time.perf_counter() - t0
+    trainer.test(model, dm, verbose=False)
+    return train_s, model.eval_results["test"]
+
+
 def run_one(job: dict) -> dict:
     import pytorch_lightning as pl
     import torch
@@ -89,13 +103,7 @@ def run_one(job: dict) -> dict:
     width = None if job["method"].startswith("moe-") else _matched_width(job["method"], dm, inner_lr, target)
     pl.seed_everything(job["seed"], workers=True, verbose=False)
     model = _model(job["method"], dm, width, inner_lr)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", inference_mode=False, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    t0 = time.perf_counter()
-    trainer.fit(model, dm)
-    train_s = time.perf_counter() - t0
-    trainer.test(model, dm, verbose=False)
-    r = model.eval_results["test"]
+    train_s, r = fit_and_test(model, dm)
     return {**job, "params": _count(model), "width": width, "train_s": train_s, "curve_mean": r["mean"],
             "curve_ci95": r["ci95"], "n_tasks": r["tasks"], "metric": "mse" if dm.kind == "regression" else "accuracy"}
 
