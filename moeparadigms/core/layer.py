@@ -6,16 +6,15 @@ Shape legend:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from . import dispatch as dsp
 from . import losses as L
 from ._dist import data_parallel_world, sum_over_ranks
+from .dispatchers import DENSE, PERMUTATION, SORTED, Dispatcher, region
 from .experts import Experts, Init
 from .params import Remap, merge_remaps
 from .routing import Router, Routing, SoftMoERouter, SoftRouting
@@ -25,21 +24,6 @@ from .routing import Router, Routing, SoftMoERouter, SoftRouting
 #: both paths on CPU, ``scripts/bench_small_batch.py``; BENCHMARKS.md "Small batches"; 2.5M before the dense path
 #: folded its combine into the second matmul, issue 15)
 DENSE_MACS = 8_000_000
-
-
-def _count(expert_A: Tensor, num_experts: int) -> Tensor:
-    """Assignments per expert. On CUDA ``bincount`` reads its input's max on the host (a sync); a scatter-add
-    into ``num_experts`` zeros does not. On CPU ``bincount`` is one op."""
-    if expert_A.is_cuda:
-        return torch.zeros(num_experts, dtype=torch.long, device=expert_A.device).scatter_add_(
-            0, expert_A, torch.ones_like(expert_A)
-        )
-    return torch.bincount(expert_A, minlength=num_experts)
-
-
-def _region(name: str):
-    """A profiler label when a profiler is recording; free otherwise (record_function costs ~10 us a call)."""
-    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
 
 
 class RoutingStats(NamedTuple):
@@ -100,11 +84,17 @@ class MoE(nn.Module):
             feed them to :class:`RoutingMetrics`, continual learning reads ``tokens_per_expert``). False:
             ``stats`` is None in inference (RL rollouts that never read them; a few ops less per call).
             With autograd on, losses and statistics are always computed.
+
+    Dispatch (moving tokens to their experts and back) is a :class:`~moeparadigms.core.dispatchers.Dispatcher`
+    chosen per forward by :meth:`select_dispatcher` from the settings above. Setting :attr:`dispatcher` installs
+    one for every forward instead (``ExpertParallelMoE`` installs its all-to-all dispatcher this way).
     """
 
     # class-level defaults too, so a layer pickled whole before these options existed still runs
     aux_in_inference: bool = False
     stats_in_inference: bool = True
+    #: None: :meth:`select_dispatcher` chooses per forward; a Dispatcher: used for every forward
+    dispatcher: Dispatcher | None = None
 
     def __init__(
         self,
@@ -181,7 +171,7 @@ class MoE(nn.Module):
             raise ValueError(f"input last dim must equal d_model={d_model}, got input shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x_TD = x if x.dim() == 2 else x.reshape(-1, d_model)  # no view node for the common 2-D input
-        task_id_T = self._task_ids(task_id, lead, x.device)
+        task_id_T = self.task_ids(task_id, lead, x.device)
         grad = torch.is_grad_enabled()
         want_aux, want_stats = grad or self.aux_in_inference, grad or self.stats_in_inference
         if isinstance(router, SoftMoERouter):
@@ -190,7 +180,7 @@ class MoE(nn.Module):
             soft = router(groups, task_id_T=task_id_T)
             y_TD, losses, stats = self._soft(groups, soft, want_aux, want_stats)
         else:
-            with _region("moe/router"):
+            with region("moe/router"):
                 routing = router(x_TD, task_id_T=task_id_T)
             y_TD, losses, stats = self._sparse(x_TD, routing, want_aux, want_stats)
         if self.shared_experts is not None:
@@ -201,7 +191,12 @@ class MoE(nn.Module):
         y = y_TD if x.dim() == 2 else y_TD.reshape(*lead, y_TD.shape[-1])
         return MoEOutput(y if y.dtype == x.dtype else y.to(x.dtype), aux, losses, stats)
 
-    def _task_ids(self, task_id: int | Tensor | None, lead: torch.Size, device: torch.device) -> Tensor | None:
+    def task_ids(self, task_id: int | Tensor | None, lead: torch.Size, device: torch.device) -> Tensor | None:
+        """``task_id`` as forward takes it, as one id per token: a flat LongTensor of ``lead.numel()`` ids on
+        ``device`` (None stays None). ``lead`` is the input's shape without its last dim; an int or 0-d tensor is
+        broadcast to every token, a tensor of a prefix of ``lead`` (e.g. one id per sample) over the rest.
+        Raises ``ValueError`` for float ids, a shape that is not a prefix, or ids outside the router's
+        ``num_tasks``."""
         if task_id is None:
             return None
         num_tasks = getattr(self.router, "num_tasks", None)
@@ -231,52 +226,30 @@ class MoE(nn.Module):
         per_pair = e.d_model * ((2 if e.glu else 1) * e.hidden + e.hidden)  # D * H1 + H * D, as w1 and w2
         return (T * e.num_experts - assignments) * per_pair <= DENSE_MACS
 
+    def select_dispatcher(self, num_tokens: int, routing: Routing) -> Dispatcher:
+        """The dispatcher a forward of ``num_tokens`` tokens with this ``routing`` uses: :attr:`dispatcher` if one
+        is installed; else :data:`~moeparadigms.core.dispatchers.DENSE` where ``dense_dispatch`` asks for it (never
+        with a capacity limit); else :data:`~moeparadigms.core.dispatchers.PERMUTATION` for token-choice routings
+        on banks with their own backward; else :data:`~moeparadigms.core.dispatchers.SORTED`."""
+        if self.dispatcher is not None:
+            return self.dispatcher
+        experts = self.experts
+        if self._use_dense(num_tokens, routing.expert_A.numel(), experts):
+            return DENSE
+        if routing.ids_TK is not None and routing.weights_TK is not None and not experts.plain_autograd:
+            return PERMUTATION
+        return SORTED
+
     def _sparse(
         self, x_TD: Tensor, routing: Routing, want_aux: bool = True, want_stats: bool = True
     ) -> tuple[Tensor, dict[str, Tensor], RoutingStats | None]:
-        experts = self.experts
-        E = experts.num_experts
-        counts: Tensor | None
-        if self._use_dense(x_TD.shape[0], routing.expert_A.numel(), experts):
-            with _region("moe/experts_dense"):
-                if routing.ids_TK is not None and routing.weights_TK is not None:
-                    # one scatter into fresh zeros (a repeated id adds, as sorted)
-                    w = routing.weights_TK
-                    gates = torch.zeros(x_TD.shape[0], E, dtype=w.dtype, device=w.device).scatter_add_(1, routing.ids_TK, w)
-                else:
-                    gates = x_TD.new_zeros(x_TD.shape[0], E, dtype=routing.weight_A.dtype)
-                    gates = gates.index_put((routing.token_A, routing.expert_A), routing.weight_A, accumulate=True)
-                y_TD = experts.forward_dense(x_TD, gates)
-                if y_TD.dtype != x_TD.dtype:
-                    y_TD = y_TD.to(x_TD.dtype)
-            # counted only when a loss or the statistics read them
-            counts = _count(routing.expert_A, E) if want_aux or want_stats else None
-            dropped, total = None, routing.expert_A.numel()
-        elif routing.ids_TK is not None and routing.weights_TK is not None and not self.experts.plain_autograd:
-            # token choice: sorting is a permutation of the T*K choices, both directions are plain gathers
-            cap = None if self.capacity_factor is None else dsp.capacity(routing.ids_TK.numel(), E, self.capacity_factor)
-            with _region("moe/permute"):
-                perm = dsp.topk_permutation(routing.ids_TK, E, cap)
-            with _region("moe/experts"):
-                y_AD = self.experts.forward_gathered(x_TD, perm)
-            with _region("moe/unpermute"):
-                y_TD = dsp.unpermute_topk(y_AD, routing.weights_TK, perm).to(x_TD.dtype)
-            counts, dropped, total = perm.counts_E, perm.dropped, routing.ids_TK.numel()
-        else:
-            if routing.presorted:
-                c = torch.bincount(routing.expert_A, minlength=E)
-                d = dsp.Dispatch(routing.token_A, routing.expert_A, routing.weight_A, c, c.new_zeros(()), routing.expert_A.numel())
-            else:
-                d = dsp.sort_by_expert(routing.token_A, routing.expert_A, routing.weight_A, E)
-            if self.capacity_factor is not None:
-                d = dsp.limit_capacity(d, dsp.capacity(d.total, E, self.capacity_factor))
-            y_AD = self.experts(x_TD[d.token_A], d.counts_E)
-            y_TD = dsp.combine(y_AD, d, x_TD.shape[0]).to(x_TD.dtype)
-            counts, dropped, total = d.counts_E, d.dropped, d.total
-
+        cf = self.capacity_factor
+        cap = None if cf is None else dsp.capacity(routing.expert_A.numel(), self.router.num_experts, cf)
+        y_TD, counts, dropped, total = self.select_dispatcher(x_TD.shape[0], routing)(
+            x_TD, routing, self.experts, cap, want_aux or want_stats
+        )
         # the counts before any dropping serve the load-balancing loss too
-        pre_drop = counts if self.capacity_factor is None else None
-        losses = self._router_losses(routing, pre_drop) if want_aux else {}
+        losses = self.router_losses(routing, counts if cap is None else None) if want_aux else {}
         if not want_stats:
             return y_TD, losses, None
         assert counts is not None
@@ -296,8 +269,9 @@ class MoE(nn.Module):
             return like.new_zeros((), dtype=torch.float32)
         return torch.special.entr(probs_TE.detach()).sum()
 
-    def _router_losses(self, routing: Routing, counts_E: Tensor | None = None) -> dict[str, Tensor]:
-        """The unweighted auxiliary losses a routing supports. ``counts_E``: the assignments per expert of
+    def router_losses(self, routing: Routing, counts_E: Tensor | None = None) -> dict[str, Tensor]:
+        """The unweighted auxiliary losses a routing supports (``{name: ()}``; weight them with
+        :meth:`weighted_aux_loss`). ``counts_E``: the assignments per expert of
         this routing before any dropping, if the caller already counted them."""
         E = self.router.num_experts
         losses: dict[str, Tensor] = {}

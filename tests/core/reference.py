@@ -36,7 +36,7 @@ def moe_ref(moe: MoE, x: Tensor, task_id=None, capacity: int | None = None) -> T
     ``capacity``: keep only the first ``capacity`` assignments of each expert in token order."""
     x_TD = x.reshape(-1, x.shape[-1])
     T = x_TD.shape[0]
-    task = moe._task_ids(task_id, x.shape[:-1], x.device)
+    task = moe.task_ids(task_id, x.shape[:-1], x.device)
     if isinstance(moe.router, SoftMoERouter):
         return soft_ref(moe, x)
     r = moe.router(x_TD, task_id_T=task)

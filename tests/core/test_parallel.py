@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeparadigms.core import FFN, MLPExperts, MoE, TopKRouter
+from moeparadigms.core import FFN, ExpertChoiceRouter, MLPExperts, MoE, TopKRouter
 from moeparadigms.core.parallel import ExpertParallelMoE, ignore_expert_parameters_in_ddp
 
 WORLD, T, D, E = 2, 12, 8, 4
@@ -43,6 +43,22 @@ def _worker(rank: int, port: int) -> None:
 
         torch.testing.assert_close(out.y.view(T, D), y_ref[sl])
         torch.testing.assert_close(x.grad, xr.grad[sl])
+        # the forward is MoE.forward with the all-to-all dispatcher: the unsharded layer's losses and statistics
+        # on the same (local) tokens, and its inference options
+        same = ref(x_all[sl].view(3, 4, D))
+        assert out.losses.keys() == same.losses.keys() == {"load_balance", "z_loss"}
+        for k in out.losses:
+            torch.testing.assert_close(out.losses[k], same.losses[k], rtol=0, atol=0)
+        torch.testing.assert_close(out.aux_loss, same.aux_loss, rtol=0, atol=0)
+        for name, a, b in zip(out.stats._fields, out.stats, same.stats):
+            assert torch.equal(a, b), name
+        with torch.no_grad():
+            ep.moe.stats_in_inference = False
+            quiet = ep(x_all[sl])
+            ep.moe.stats_in_inference = True
+        assert quiet.stats is None and quiet.losses == {} and torch.equal(quiet.y, out.y.detach().view(T, D))
+        with pytest.raises(ValueError, match="needs a token-choice router, got ExpertChoiceRouter"):
+            ExpertParallelMoE(MoE(router=ExpertChoiceRouter(d_model=D, num_experts=E), experts=MLPExperts(d_model=D, hidden=6, num_experts=E)))
         # expert grads: every token routed to this rank's experts, from both ranks, contributed
         local = slice(rank * E // WORLD, (rank + 1) * E // WORLD)
         torch.testing.assert_close(ep.moe.experts.w1.blocks[0].grad,
