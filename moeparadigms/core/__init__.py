@@ -5,6 +5,7 @@ takes longer to import than the rest of the core together.
 """
 from typing import Any as _Any
 
+from .dispatchers import Dispatcher
 from .experts import FFN, Experts, GLUExperts, MLPExperts, ModuleExperts
 from .layer import MoE, MoEOutput, RoutingStats
 from .params import ExpertParam, Remap, remap_optimizer
@@ -19,13 +20,15 @@ from .routing import (
     SwitchRouter,
     TaskConditionedRouter,
     TopKRouter,
+    register_bias_update,
+    update_router_biases,
 )
 
 __all__ = [
     "FFN", "Experts", "GLUExperts", "MLPExperts", "ModuleExperts", "MoE", "MoEOutput", "RoutingStats",
     "RoutingMetrics", "ExpertParam", "Remap", "remap_optimizer", "BiasBalancedRouter", "ExpertChoiceRouter",
     "HashRouter", "Router", "Routing", "SoftMoERouter", "SoftRouting", "SwitchRouter", "TaskConditionedRouter",
-    "TopKRouter",
+    "TopKRouter", "update_router_biases", "register_bias_update", "Dispatcher",
 ]
 
 # Every component remembers the plain {class_path, init_args} it was built from, so a paradigm built in Python

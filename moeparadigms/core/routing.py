@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..checks import check_positive
 from ._dist import sum_over_ranks
@@ -312,8 +313,16 @@ class BiasBalancedRouter(TopKRouter):
 
     Affinities ``s = sigmoid(x W_g)`` (or softmax); experts are *selected* by top-k of ``s + b`` with a
     per-expert bias ``b`` that is never used in the weights; weights are the selected affinities,
-    normalised over the k chosen. In training each forward updates ``b_i += rate * sign(mean load -
-    load_i)`` from the batch's load, so overloaded experts become less likely to be chosen.
+    normalised over the k chosen. The bias follows the load once per optimizer step, as in torchtitan: a
+    training forward (train mode, autograd on) only adds its assignments per expert to the buffer
+    ``tokens_per_expert``; :meth:`update_bias` then applies ``b_i += rate * sign(mean load - load_i)`` over
+    the accumulated load (summed over data-parallel ranks) and resets it. So the update sees every
+    micro-batch of a step under gradient accumulation, and every rank applies the same one.
+
+    Call :func:`update_router_biases` (every such router in a model) before each optimizer step, or let an
+    optimizer do it (:func:`register_bias_update`). Lightning runs of the paradigm modules do it in
+    ``ParadigmModule.on_before_optimizer_step``, for automatic and manual optimization alike. Without
+    either the bias stays where it is.
     """
 
     def __init__(
@@ -333,14 +342,35 @@ class BiasBalancedRouter(TopKRouter):
             raise ValueError(f"score={score!r} is not supported; choose 'sigmoid' or 'softmax'")
         self.bias_update_rate, self.score = bias_update_rate, score
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        # integer counts: exact however many micro-batches a step accumulates, untouched by .half()/.double()
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.long))
 
     def _grow_buffers(self, n: int, init: Init, src: list[int]) -> None:
         b = self.expert_bias
         new = b[torch.tensor(src, device=b.device)] if init == "copy" else b.mean().expand(n)
         self.expert_bias = torch.cat([b, new])
+        self.tokens_per_expert = torch.cat([self.tokens_per_expert, self.tokens_per_expert.new_zeros(n)])
 
     def _prune_buffers(self, keep_E: Tensor) -> None:
         self.expert_bias = self.expert_bias[keep_E.to(self.expert_bias.device)]
+        self.tokens_per_expert = self.tokens_per_expert[keep_E.to(self.tokens_per_expert.device)]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # a state dict saved before the counts existed: nothing was pending (the bias was updated in forward)
+        bias, counts = prefix + "expert_bias", prefix + "tokens_per_expert"
+        if bias in state_dict and counts not in state_dict:
+            state_dict[counts] = torch.zeros(state_dict[bias].shape, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Apply the load accumulated since the last update, ``b += rate * sign(mean(load) - load)`` with the load
+        summed over data-parallel ranks (every rank must call it: a collective), and reset the counts. No
+        forward since the last update: no change."""
+        load = sum_over_ranks(self.tokens_per_expert).float()
+        if self.bias_update_rate > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
         with _no_autocast(x_TD):
@@ -349,11 +379,9 @@ class BiasBalancedRouter(TopKRouter):
                 _check_finite_logits(logits)
             scores = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, -1)
             r = _token_choice(scores, self.top_k, self.renormalize, select_TE=scores.detach() + self.expert_bias)
-            if self.training and self.bias_update_rate > 0:
-                with torch.no_grad():
-                    # the global batch's load under data parallelism, so every rank applies the same update
-                    load = sum_over_ranks(torch.bincount(r.expert_A, minlength=self.num_experts).float())
-                    self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+            if self.training and self.bias_update_rate > 0 and torch.is_grad_enabled():
+                with torch.no_grad():  # the load, for update_bias (a scatter-add: no host sync on CUDA)
+                    self.tokens_per_expert.index_add_(0, r.expert_A, torch.ones_like(r.expert_A))
             probs = scores / scores.sum(-1, keepdim=True)
         r.logits_TE, r.probs_TE = logits, probs
         return r
@@ -523,3 +551,23 @@ class SoftMoERouter(Router):
             dispatch = torch.softmax(logits, dim=1)
             combine = torch.softmax(logits, dim=2)
         return SoftRouting(dispatch, combine, logits, self.slots_per_expert)
+
+
+def update_router_biases(model: nn.Module) -> int:
+    """Apply and reset the accumulated load of every :class:`BiasBalancedRouter` in ``model``
+    (:meth:`BiasBalancedRouter.update_bias`); call it once per optimizer step, before or after ``step()``.
+    Returns how many routers it updated."""
+    routers = [m for m in model.modules() if isinstance(m, BiasBalancedRouter)]
+    for r in routers:
+        r.update_bias()
+    return len(routers)
+
+
+def register_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:
+    """Make every ``optimizer.step()`` first call :func:`update_router_biases` on ``model`` (an optimizer step
+    pre-hook, torchtitan's way); returns the hook's handle (``.remove()`` undoes it)."""
+
+    def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:  # None: step's arguments unchanged
+        update_router_biases(model)
+
+    return optimizer.register_step_pre_hook(hook)

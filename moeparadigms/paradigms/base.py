@@ -1,6 +1,6 @@
 """The contract every paradigm LightningModule keeps, in one thin base class.
 
-:class:`ParadigmModule` does five things the paradigms used to do each in their own way:
+:class:`ParadigmModule` does six things the paradigms used to do each in their own way:
 
 * **build from the data's spec, once**: ``setup`` reads the DataModule's typed ``spec``
   (:mod:`moeparadigms.benchmarks.specs`) and calls :meth:`ParadigmModule.build`, which builds the network the
@@ -14,6 +14,8 @@
   ``init_args`` in YAML, any ``params -> Optimizer`` callable in Python); without one the paradigm's
   :meth:`default_optimizer` is used, the optimizer and hyperparameters each paradigm always had, so results
   reproduce. ``weight_decay`` means decoupled weight decay (AdamW) in every paradigm that has it;
+* **aux-loss-free balancing**: the bias of every ``BiasBalancedRouter`` follows the load once per optimizer step
+  (:meth:`on_before_optimizer_step`);
 * **plot listing**: plots a paradigm writes are appended to :attr:`plot_paths`
   (:class:`~moeparadigms.callbacks.ListPlots` prints them); :meth:`plot_dir` is where they go.
 
@@ -30,6 +32,7 @@ import torch
 
 from ..benchmarks.specs import DataSpec
 from ..checkpoint import check_compatible
+from ..core import update_router_biases
 
 #: what ``optimizer`` takes: LightningCLI's ``OptimizerCallable`` (parameters -> optimizer)
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
@@ -128,6 +131,14 @@ class ParadigmModule(pl.LightningModule):
         if self.optimizer_factory is not None:
             return self.optimizer_factory(params)
         return self.default_optimizer(params)
+
+    # ------------------------------------------------------------------ aux-loss-free balancing
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the load the bias-balanced routers accumulated over this step's micro-batches
+        (:func:`~moeparadigms.core.update_router_biases`; nothing without such routers). Lightning calls this hook
+        before every optimizer step, under manual optimization too (inside ``optimizer.step()``, as PPO and MAML
+        step). A subclass that overrides it calls ``super()``."""
+        update_router_biases(self)
 
     # ------------------------------------------------------------------ plots
     def plot_dir(self) -> Path | None:

@@ -15,6 +15,7 @@ from moeparadigms.core import (
     MoE,
     SoftMoERouter,
     TopKRouter,
+    update_router_biases,
 )
 from moeparadigms.core import losses as L
 from moeparadigms.core.routing import _load_probabilities
@@ -152,8 +153,10 @@ def test_bias_balanced_router_balances_load_without_changing_weights():
         router.gate.blocks[0][0] += 2.0  # expert 0 attracts most tokens at the start
     x = torch.randn(512, 8) + 0.5
     first = torch.bincount(router(x).expert_A, minlength=4).float()
+    update_router_biases(router)  # once per optimizer step; here one forward per step
     for _ in range(300):
         router(x)
+        update_router_biases(router)
     last = torch.bincount(router(x).expert_A, minlength=4).float()
     cv = lambda c: float(c.std(unbiased=False) / c.mean())  # noqa: E731
     assert cv(last) < 0.5 * cv(first), (first.tolist(), last.tolist())
