@@ -1,10 +1,10 @@
 """Routers (gates): decide which experts see which tokens, with which weights.
 
-Token-choice and expert-choice routers return a :class:`Routing`: a flat list of assignments
-(token, expert, weight) plus the router's logits/probabilities for losses and statistics. Soft MoE
-returns a :class:`SoftRouting` (dense dispatch and combine weights over slots). Every router keeps its
-expert-indexed parameters in :class:`~moeparadigms.core.params.ExpertParam` so that experts can be added,
-pruned and frozen with the router kept consistent.
+Every router returns a :class:`~moeparadigms.core.router_base.Routing` (Soft MoE: a
+:class:`~moeparadigms.core.router_base.SoftRouting`) and subclasses :class:`~moeparadigms.core.router_base.Router`,
+which keeps its expert-indexed parameters in :class:`~moeparadigms.core.params.ExpertParam` so that experts can be
+added, pruned and frozen with the router kept consistent (all three are importable from here too, as before).
+The aux-loss-free router's per-step bias update (:func:`update_router_biases`) is here as well.
 
 Routers compute in float32 even under autocast (small matmuls, and routing decisions are sensitive).
 
@@ -15,9 +15,6 @@ Shape legend:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,156 +24,9 @@ from torch.utils.hooks import RemovableHandle
 
 from ..checks import check_positive
 from ._dist import sum_over_ranks
-from .experts import Init, check_init
-from .params import ExpertParam, Remap, merge_remaps
-
-
-@dataclass
-class Routing:
-    """Assignments of tokens to experts.
-
-    ``token_A``/``expert_A``/``weight_A`` list every (token, expert) pair with its combine weight.
-    ``logits_TE`` (what enters the softmax/sigmoid) and ``probs_TE`` (router probabilities, rows sum
-    to 1) feed the losses and statistics; both are None for a router without learned scores (hash).
-    ``load_prob_TE`` is the probability under the gating noise that each expert is in a token's top-k
-    (noisy top-k only, Shazeer's load loss). ``presorted`` marks assignments already grouped by expert.
-    """
-
-    token_A: Tensor  # a token-choice router may pass None: built from ids_TK on first read (see below)
-    expert_A: Tensor
-    weight_A: Tensor
-    logits_TE: Tensor | None
-    probs_TE: Tensor | None
-    load_prob_TE: Tensor | None = None
-    presorted: bool = False
-    #: token-choice routers: the (T, K) expert ids and weights (every token has exactly K assignments)
-    ids_TK: Tensor | None = None
-    weights_TK: Tensor | None = None
-
-
-def _token_A_get(self: Routing) -> Tensor:
-    t = self.__dict__["_token_A"]
-    if t is None:
-        if self.ids_TK is None:
-            raise ValueError("Routing needs token_A (or ids_TK to build it from)")
-        T, K = self.ids_TK.shape
-        t = self.__dict__["_token_A"] = torch.arange(T, device=self.ids_TK.device).repeat_interleave(K)
-    return t
-
-
-def _token_A_set(self: Routing, value: Tensor | None) -> None:
-    self.__dict__["_token_A"] = value
-
-
-def _probs_get(self: Routing) -> Tensor | None:
-    p = self.__dict__["_probs_TE"]
-    if p is None and self.__dict__.get("_probs_are_softmax") and self.logits_TE is not None:
-        p = self.__dict__["_probs_TE"] = torch.softmax(self.logits_TE, dim=-1)
-    return p
-
-
-def _probs_set(self: Routing, value: Tensor | None) -> None:
-    self.__dict__["_probs_TE"] = value
-
-
-# token-choice assignments are token-major (token t's K choices at t*K .. t*K+K-1), so token_A is a function of
-# ids_TK: built lazily, since the paths that read it (the generic sort, the importance loss) are the rare ones
-Routing.token_A = property(_token_A_get, _token_A_set)  # type: ignore[assignment]
-# a router whose probabilities are softmax(logits) may leave them to be computed on first read (by the losses
-# or the statistics): an inference forward that reads neither never computes them
-Routing.probs_TE = property(_probs_get, _probs_set)  # type: ignore[assignment]
-
-
-def _softmax_probs_on_read(r: Routing) -> Routing:
-    r.__dict__["_probs_are_softmax"] = True
-    return r
-
-
-def _no_autocast(x: Tensor):
-    """``torch.autocast(enabled=False)`` where autocast is on; free otherwise (entering it costs ~10 us)."""
-    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
-
-
-@dataclass
-class SoftRouting:
-    """Soft MoE weights: slots = dispatch^T x (softmax over tokens); y = combine @ slot outputs
-    (softmax over slots). Shapes ``(G, N, S)``."""
-
-    dispatch_GNS: Tensor
-    combine_GNS: Tensor
-    logits_GNS: Tensor
-    slots_per_expert: int
-
-
-def _fp32(x: Tensor) -> Tensor:
-    """Routers run in at least float32 (half-precision inputs are upcast; float64 stays float64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _fresh_rows(n: int, d: int) -> Tensor:
-    bound = 1.0 / math.sqrt(d)
-    return torch.empty(n, d).uniform_(-bound, bound)
-
-
-class Router(nn.Module):
-    """Base class. ``forward(x_TD, *, task_id_T=None) -> Routing | SoftRouting``."""
-
-    d_model: int
-    num_experts: int
-    #: routers whose output depends on other tokens of the batch (expert choice, Soft MoE) set this
-    batch_dependent: bool = False
-    #: raise on NaN/inf scores (one host sync per forward) while autograd is on; MoE(check_finite=...) sets it.
-    #: Inference (autograd off) never checks: no host sync, and a non-finite token routes to NaN weights.
-    check_finite: bool = True
-
-    def _checks(self) -> bool:
-        return self.check_finite and torch.is_grad_enabled()
-
-    def __init__(self, *, d_model: int, num_experts: int) -> None:
-        super().__init__()
-        check_positive(d_model=d_model, num_experts=num_experts)
-        self.d_model, self.num_experts = d_model, num_experts
-
-    def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing | SoftRouting:
-        raise NotImplementedError  # pragma: no cover
-
-    # -- growth: every ExpertParam child grows/prunes/freezes together; buffers via _grow_buffers
-    def _expert_params(self) -> list[ExpertParam]:
-        return [m for m in self.children() if isinstance(m, ExpertParam)]
-
-    def grow(self, n: int, init: Init = "fresh", source: Sequence[int] | None = None) -> Remap:
-        """Add ``n`` experts' router rows: copies of ``source`` rows, their mean, or fresh."""
-        src = check_init(init, n, source, self.num_experts)
-        remaps = [p.grow_init(n, init, src, lambda m, p=p: self._fresh(p, m)) for p in self._expert_params()]
-        self._grow_buffers(n, init, src)
-        self.num_experts += n
-        return merge_remaps(*remaps)
-
-    def _fresh(self, p: ExpertParam, n: int) -> Tensor:
-        return _fresh_rows(n, int(torch.tensor(p.shape[1:]).prod())).reshape(n, *p.shape[1:])
-
-    def reset_parameters(self) -> None:
-        """Re-draw the router's expert-indexed parameters, in place."""
-        with torch.no_grad():
-            for p in self._expert_params():
-                for _, b in p.layout():
-                    b.copy_(self._fresh(p, b.shape[0]).to(b))
-
-    def _grow_buffers(self, n: int, init: Init, src: list[int]) -> None:
-        pass
-
-    def prune(self, keep_E: Tensor) -> Remap:
-        remap = merge_remaps(*(p.select(keep_E) for p in self._expert_params()))
-        self._prune_buffers(keep_E.to(torch.bool))
-        self.num_experts = int(keep_E.to(torch.bool).sum())
-        return remap
-
-    def _prune_buffers(self, keep_E: Tensor) -> None:
-        pass
-
-    def set_frozen(self, ids: Sequence[int], frozen: bool = True) -> Remap:
-        """Freeze (or unfreeze) the router rows of experts ``ids``: their logits stop changing."""
-        return merge_remaps(*(p.set_frozen(ids, frozen) for p in self._expert_params()))
+from .experts import Init
+from .params import ExpertParam
+from .router_base import Router, Routing, SoftRouting, fp32, fresh_rows, no_autocast, softmax_probs_on_read
 
 
 def _check_top_k(top_k: int, num_experts: int) -> None:
@@ -241,7 +91,7 @@ class TopKRouter(Router):
             raise ValueError(f"noisy=True needs top_k < num_experts (load probabilities), got top_k={top_k}")
         self.top_k, self.noisy, self.temperature = top_k, noisy, temperature
         self.renormalize = (top_k > 1) if renormalize is None else renormalize
-        self.gate = ExpertParam(_fresh_rows(num_experts, d_model))
+        self.gate = ExpertParam(fresh_rows(num_experts, d_model))
         # Shazeer initialises the noise weights to zero: the noise starts at softplus(0) = 0.69
         self.noise = ExpertParam(torch.zeros(num_experts, d_model)) if noisy else None
 
@@ -249,15 +99,15 @@ class TopKRouter(Router):
         return f"top_k={self.top_k}, noisy={self.noisy}, temperature={self.temperature}, renormalize={self.renormalize}"
 
     def _fresh(self, p: ExpertParam, n: int) -> Tensor:
-        return torch.zeros(n, self.d_model) if p is self.noise else _fresh_rows(n, self.d_model)
+        return torch.zeros(n, self.d_model) if p is self.noise else fresh_rows(n, self.d_model)
 
     def _scores(self, x_TD: Tensor, task_id_T: Tensor | None) -> Tensor:
         return F.linear(x_TD, self.gate.full().to(x_TD.dtype))
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
         # few ops: at the small batches of RL and meta-learning each costs more than its arithmetic
-        with _no_autocast(x_TD):
-            x = _fp32(x_TD)
+        with no_autocast(x_TD):
+            x = fp32(x_TD)
             clean = self._scores(x, task_id_T)
             if self._checks():
                 _check_finite_logits(clean)
@@ -275,7 +125,7 @@ class TopKRouter(Router):
                 vals_TK, ids_TK = torch.topk(logits, self.top_k, dim=-1)
                 w_TK = torch.softmax(vals_TK, dim=-1)
                 r = Routing(None, ids_TK.view(-1), w_TK.view(-1), logits, None, load_prob, ids_TK=ids_TK, weights_TK=w_TK)  # type: ignore[arg-type]
-                return _softmax_probs_on_read(r)
+                return softmax_probs_on_read(r)
             probs = torch.softmax(logits, dim=-1)
             r = _token_choice(probs, self.top_k, False)
         r.logits_TE, r.probs_TE, r.load_prob_TE = logits, probs, load_prob
@@ -373,8 +223,8 @@ class BiasBalancedRouter(TopKRouter):
         self.tokens_per_expert.zero_()
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
-        with _no_autocast(x_TD):
-            logits = self._scores(_fp32(x_TD), task_id_T)
+        with no_autocast(x_TD):
+            logits = self._scores(fp32(x_TD), task_id_T)
             if self._checks():
                 _check_finite_logits(logits)
             scores = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, -1)
@@ -419,18 +269,18 @@ class TaskConditionedRouter(TopKRouter):
             raise ValueError(f"conditioning={conditioning!r} is not supported; choose one of ['concat', 'gate', 'task_only']")
         self.num_tasks, self.conditioning, self.task_dim = num_tasks, conditioning, task_dim
         if conditioning == "gate":
-            self.gate = ExpertParam(_fresh_rows(num_experts * num_tasks, d_model).reshape(num_experts, num_tasks, d_model))
+            self.gate = ExpertParam(fresh_rows(num_experts * num_tasks, d_model).reshape(num_experts, num_tasks, d_model))
         if conditioning != "gate":
             self.task_embedding = nn.Embedding(num_tasks, task_dim)
-            self.task_gate = ExpertParam(_fresh_rows(num_experts, task_dim))
+            self.task_gate = ExpertParam(fresh_rows(num_experts, task_dim))
         if conditioning == "task_only":
             self.gate = None  # routing ignores the token: no token gate to train (DDP would flag it unused)
 
     def _fresh(self, p: ExpertParam, n: int) -> Tensor:
         if p is self.gate and self.conditioning == "gate":
-            return _fresh_rows(n * self.num_tasks, self.d_model).reshape(n, self.num_tasks, self.d_model)
+            return fresh_rows(n * self.num_tasks, self.d_model).reshape(n, self.num_tasks, self.d_model)
         if getattr(self, "task_gate", None) is p:
-            return _fresh_rows(n, self.task_dim)
+            return fresh_rows(n, self.task_dim)
         return super()._fresh(p, n)
 
     def _scores(self, x_TD: Tensor, task_id_T: Tensor | None) -> Tensor:
@@ -464,12 +314,12 @@ class ExpertChoiceRouter(Router):
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
         _check_temperature(temperature)
         self.capacity_factor, self.temperature = capacity_factor, temperature
-        self.gate = ExpertParam(_fresh_rows(num_experts, d_model))
+        self.gate = ExpertParam(fresh_rows(num_experts, d_model))
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
-        with _no_autocast(x_TD):
+        with no_autocast(x_TD):
             T = x_TD.shape[0]
-            x = _fp32(x_TD)
+            x = fp32(x_TD)
             logits = F.linear(x, self.gate.full().to(x.dtype)) / self.temperature
             if self._checks():
                 _check_finite_logits(logits)
@@ -502,8 +352,8 @@ class HashRouter(Router):
         self.projection = self.projection[keep_E.to(self.projection.device)]
 
     def forward(self, x_TD: Tensor, *, task_id_T: Tensor | None = None) -> Routing:
-        with torch.no_grad(), _no_autocast(x_TD):
-            x = _fp32(x_TD)
+        with torch.no_grad(), no_autocast(x_TD):
+            x = fp32(x_TD)
             scores = F.linear(x, self.projection.to(x.dtype))
             if self._checks():
                 _check_finite_logits(scores, "hash router scores")
@@ -532,15 +382,15 @@ class SoftMoERouter(Router):
         super().__init__(d_model=d_model, num_experts=num_experts)
         check_positive(slots_per_expert=slots_per_expert)
         self.slots_per_expert, self.normalize = slots_per_expert, normalize
-        self.phi = ExpertParam(_fresh_rows(num_experts * slots_per_expert, d_model).reshape(num_experts, slots_per_expert, d_model))
+        self.phi = ExpertParam(fresh_rows(num_experts * slots_per_expert, d_model).reshape(num_experts, slots_per_expert, d_model))
         self.scale = nn.Parameter(torch.ones(())) if normalize else None
 
     def _fresh(self, p: ExpertParam, n: int) -> Tensor:
-        return _fresh_rows(n * self.slots_per_expert, self.d_model).reshape(n, self.slots_per_expert, self.d_model)
+        return fresh_rows(n * self.slots_per_expert, self.d_model).reshape(n, self.slots_per_expert, self.d_model)
 
     def forward(self, x_GND: Tensor, *, task_id_T: Tensor | None = None) -> SoftRouting:  # type: ignore[override]
-        with _no_autocast(x_GND):
-            x = _fp32(x_GND)
+        with no_autocast(x_GND):
+            x = fp32(x_GND)
             phi_SD = self.phi.full().reshape(-1, self.d_model).to(x.dtype)
             if self.normalize:
                 x = F.normalize(x, dim=-1)
@@ -571,3 +421,9 @@ def register_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
         update_router_biases(model)
 
     return optimizer.register_step_pre_hook(hook)
+
+
+__all__ = [
+    "Routing", "SoftRouting", "Router", "TopKRouter", "SwitchRouter", "BiasBalancedRouter", "TaskConditionedRouter",
+    "ExpertChoiceRouter", "HashRouter", "SoftMoERouter", "update_router_biases", "register_bias_update",
+]
