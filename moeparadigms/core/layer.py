@@ -215,17 +215,6 @@ class MoE(nn.Module):
             raise ValueError(f"task_id {bad} out of range: this router has num_tasks={num_tasks} (ids 0..{num_tasks - 1})")
         return t.reshape(-1)
 
-    def _use_dense(self, T: int, assignments: int, e: Experts | None = None) -> bool:
-        e = self.experts if e is None else e
-        if self.dense_dispatch is False or self.capacity_factor is not None or not hasattr(e, "forward_dense"):
-            return False
-        if self.dense_dispatch is True:
-            return True
-        # every expert on every token wastes (T * E - assignments) * (D * H_in + H * D) multiply-adds on unrouted
-        # pairs; below DENSE_MACS that is cheaper than the sorted path's fixed cost (sort, gathers, a host sync)
-        per_pair = e.d_model * ((2 if e.glu else 1) * e.hidden + e.hidden)  # D * H1 + H * D, as w1 and w2
-        return (T * e.num_experts - assignments) * per_pair <= DENSE_MACS
-
     def select_dispatcher(self, num_tokens: int, routing: Routing) -> Dispatcher:
         """The dispatcher a forward of ``num_tokens`` tokens with this ``routing`` uses: :attr:`dispatcher` if one
         is installed; else :data:`~moeparadigms.core.dispatchers.DENSE` where ``dense_dispatch`` asks for it (never
@@ -233,10 +222,19 @@ class MoE(nn.Module):
         on banks with their own backward; else :data:`~moeparadigms.core.dispatchers.SORTED`."""
         if self.dispatcher is not None:
             return self.dispatcher
-        experts = self.experts
-        if self._use_dense(num_tokens, routing.expert_A.numel(), experts):
-            return DENSE
-        if routing.ids_TK is not None and routing.weights_TK is not None and not experts.plain_autograd:
+        return self._policy(num_tokens, routing, self.experts)
+
+    def _policy(self, T: int, routing: Routing, e: Experts) -> Dispatcher:
+        # one call per forward, as before dispatch became a component: at small batches every Python call counts
+        if self.dense_dispatch is not False and self.capacity_factor is None and hasattr(e, "forward_dense"):
+            if self.dense_dispatch is True:
+                return DENSE
+            # every expert on every token wastes (T * E - assignments) * (D * H_in + H * D) multiply-adds on unrouted
+            # pairs; below DENSE_MACS that is cheaper than the sorted path's fixed cost (sort, gathers, a host sync)
+            per_pair = e.d_model * ((2 if e.glu else 1) * e.hidden + e.hidden)  # D * H1 + H * D, as w1 and w2
+            if (T * e.num_experts - routing.expert_A.numel()) * per_pair <= DENSE_MACS:
+                return DENSE
+        if routing.ids_TK is not None and routing.weights_TK is not None and not e.plain_autograd:
             return PERMUTATION
         return SORTED
 
@@ -245,9 +243,11 @@ class MoE(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor], RoutingStats | None]:
         cf = self.capacity_factor
         cap = None if cf is None else dsp.capacity(routing.expert_A.numel(), self.router.num_experts, cf)
-        y_TD, counts, dropped, total = self.select_dispatcher(x_TD.shape[0], routing)(
-            x_TD, routing, self.experts, cap, want_aux or want_stats
-        )
+        experts = self._modules["experts"]  # one dict lookup, not Module.__getattr__ (this runs per forward)
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            dispatcher = self._policy(x_TD.shape[0], routing, experts)  # type: ignore[arg-type]
+        y_TD, counts, dropped, total = dispatcher(x_TD, routing, experts, cap, want_aux or want_stats)  # type: ignore[arg-type]
         # the counts before any dropping serve the load-balancing loss too
         losses = self.router_losses(routing, counts if cap is None else None) if want_aux else {}
         if not want_stats:
