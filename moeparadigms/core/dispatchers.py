@@ -61,15 +61,13 @@ class Dispatcher:
         x_TD: tokens ``(T, D)``.
         routing: the router's :class:`~moeparadigms.core.routing.Routing` for these tokens.
         experts: the bank to run (its ``forward``, ``forward_gathered`` or ``forward_dense``).
-        capacity: at most this many assignments per expert (the overflow is dropped, Switch's token-order
-            priority), or None for dropless. A dispatcher that cannot drop raises ``ValueError``.
+        capacity: at most this many assignments per expert, the first ones in the routing's order (token order
+            for token choice: Switch's priority), the rest dropped; None for dropless. A dispatcher that cannot
+            drop raises ``ValueError``.
         count: whether the caller reads ``counts_E`` (a dispatcher that counts anyway may return them regardless).
     Returns:
         :class:`Dispatched` ``(y_TD (T, D), counts_E (E,) | None, dropped () | None, total)``.
     """
-
-    #: whether the dispatcher applies a capacity limit
-    supports_capacity: bool = True
 
     def __call__(
         self, x_TD: Tensor, routing: Routing, experts: Experts, capacity: int | None = None, count: bool = True
@@ -84,8 +82,6 @@ class DenseDispatcher(Dispatcher):
     """Every expert on every token, combined with the (mostly zero) gate matrix: no sort, no gather, plain
     autograd (twice differentiable). Dispatch builds the ``(T, E)`` gates; the bank's ``forward_dense`` runs the
     experts and folds the combine into its second matmul. Stacked banks only (``forward_dense``), dropless."""
-
-    supports_capacity = False
 
     def __call__(
         self, x_TD: Tensor, routing: Routing, experts: Experts, capacity: int | None = None, count: bool = True

@@ -29,8 +29,6 @@ class AllToAllDispatcher(Dispatcher):
     that rank's slice of the experts, sent back with a second all-to-all and combined where they came from.
     Token-choice routings, dropless. ``experts`` is the local bank (experts ``[rank * L, (rank + 1) * L)``)."""
 
-    supports_capacity = False
-
     def __init__(self, *, num_experts: int, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.world = dist.get_world_size(group)
