@@ -1,5 +1,6 @@
 """The CPU expert kernel: every expert's feed-forward ``act(x W1 + b1) W2 + b2`` on expert-sorted rows, forward
-and backward, as one autograd node over the C++ grouped GEMM (:mod:`moeparadigms.core._kernels`).
+and backward, as one autograd node over the C++ extension (:mod:`moeparadigms.core._kernels`): whole experts
+as tasks across threads where it is built, a grouped GEMM per layer of the FFN otherwise.
 
 Each GEMM (forward, input gradient, weight gradient) writes straight into slices of preallocated buffers, so no
 per-expert weight gradient is ever zero-filled at full size (the cost that makes a naive ``W[e]`` loop 10x slower
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _kernels
 from ._kernels import grouped_mm_out
 from .dispatch import unpermute_grad
 
@@ -36,6 +38,13 @@ ACT_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 # ---------------------------------------------------------------------------------------------------
 # The per-expert GEMM loop as one autograd node
 # ---------------------------------------------------------------------------------------------------
+_ACT_CODE = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}  # the extension's activation codes
+
+#: False: the per-GEMM grouped path even where the fused per-expert kernel is available (side-by-side
+#: benchmarks, tests of both paths)
+FUSED = True
+
+
 def expert_rows(layout: Sequence[int], num_experts: int) -> list[tuple[int, int]]:
     """(block index, row in block) for each expert, from the block sizes."""
     out = []
@@ -73,30 +82,38 @@ def act_bwd(da: Tensor, h: Tensor, act: str, glu: bool) -> Tensor:
 class GroupedFFN(torch.autograd.Function):
     """y_a = act(x_a @ W1[e] + b1[e]) @ W2[e] + b2[e] for rows a of expert e (GLU: act(gate) * up).
 
-    Every GEMM (forward, input gradient, weight gradient) goes through
-    :func:`~moeparadigms.core._kernels.grouped_mm_out` straight into slices of preallocated buffers.
-    Memory: only the pre-activation ``h`` is saved (the activation is recomputed in the backward), and
-    with ``perm`` the rows are gathered from the token-order input inside the function and gathered
-    again in the backward instead of keeping the (K times larger) sorted copy alive.
+    With the extension (CPU): one C++ call for the forward and one for the backward, each running whole
+    experts as tasks across the intra-op threads (``ffn_forward``/``ffn_backward`` in
+    :mod:`~moeparadigms.core._kernels`). Every per-expert intermediate (the expert's gathered input rows, its
+    activation, the activation's gradient) is a temporary of that expert's rows used while it is in cache:
+    only the pre-activation ``h`` (A, H1) is saved (and nothing under ``no_grad``), and the backward's
+    full-size buffers are the weight gradients and the sorted input gradient.
+
+    Otherwise (no extension, other devices, or ``FUSED = False``): the layer-at-a-time path, one
+    :func:`~moeparadigms.core._kernels.grouped_mm_out` call per GEMM over per-expert views built in Python,
+    with full-size ``h``, activation and activation-gradient buffers. With ``perm`` the rows are gathered
+    from the token-order input inside the function (and again in the backward) instead of keeping the
+    (K times larger) sorted copy alive. Both paths write each expert's weight gradient exactly once
+    (experts without rows get zeros), into gradients returned to autograd as usual.
     """
 
     @staticmethod
     def forward(ctx, x, perm, bounds, rows, act, glu, nb, *params):  # type: ignore[override]
-        w1, w2 = params[:nb], params[nb : 2 * nb]
-        b1, b2 = (params[2 * nb : 3 * nb], params[3 * nb :]) if len(params) > 2 * nb else (None, None)
-        xs = x if perm is None else x.index_select(0, perm.token_A)
-        live = [(e, s, t) for e, (s, t) in enumerate(bounds) if t > s]
-        W1 = [w1[rows[e][0]][rows[e][1]] for e, _, _ in live]
-        W2 = [w2[rows[e][0]][rows[e][1]] for e, _, _ in live]
-        h = xs.new_empty(xs.shape[0], w1[0].shape[-1])
-        grouped_mm_out([xs[s:t] for _, s, t in live], W1, [h[s:t] for _, s, t in live],
-                       bias=None if b1 is None else [b1[rows[e][0]][rows[e][1]] for e, _, _ in live])
-        a = act_fwd(h, act, glu)
-        y = xs.new_empty(xs.shape[0], w2[0].shape[-1])
-        grouped_mm_out([a[s:t] for _, s, t in live], W2, [y[s:t] for _, s, t in live],
-                       bias=None if b2 is None else [b2[rows[e][0]][rows[e][1]] for e, _, _ in live])
+        ext = _kernels.extension() if FUSED and x.device.type == "cpu" else None
+        if ext is not None:
+            keep = any(ctx.needs_input_grad)  # under no_grad nothing is kept: h lives per expert only
+            A = bounds[-1][1] if bounds else 0
+            h = x.new_empty((A, params[0].shape[-1]) if keep else (0,))
+            y = x.new_empty(A, params[nb].shape[-1])
+            starts, ends = [s for s, _ in bounds], [t for _, t in bounds]
+            b = list(params[2 * nb :])
+            ext.ffn_forward(x, _index(perm, x), starts, ends, [r[0] for r in rows], [r[1] for r in rows],
+                            list(params[:nb]), list(params[nb : 2 * nb]), b[:nb], b[nb:], _ACT_CODE[act], glu, h, y,
+                            torch.is_inference_mode_enabled())
+        else:
+            h, y = _grouped_forward(x, perm, bounds, rows, act, glu, nb, params)
         ctx.save_for_backward(x, h, *params)
-        ctx.meta = (perm, bounds, rows, act, glu, nb)
+        ctx.meta = (perm, bounds, rows, act, glu, nb, ext)
         return y
 
     @staticmethod
@@ -115,10 +132,12 @@ class GroupedFFN(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def _backward(ctx, dy):
-        perm, bounds, rows, act, glu, nb = ctx.meta
+        perm, bounds, rows, act, glu, nb, ext = ctx.meta
         x, h, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_p = needs[7:]
+        if ext is not None:
+            return _fused_backward(ext, x, h, params, dy.contiguous(), needs, perm, bounds, rows, act, glu, nb)
         w1, w2 = params[:nb], params[nb : 2 * nb]
         has_bias = len(params) > 2 * nb
         dy = dy.contiguous()
@@ -173,6 +192,53 @@ class GroupedFFN(torch.autograd.Function):
                 grouped_mm_out([dh[s:t] for _, s, t in live], W1t, [dxs[s:t] for _, s, t in live])
                 dx = dxs if perm is None else unpermute_grad(dxs, perm)
         return (dx, None, None, None, None, None, None, *g)
+
+
+def _index(perm, x: Tensor) -> Tensor:
+    return x.new_empty(0, dtype=torch.long) if perm is None else perm.token_A
+
+
+def _grouped_forward(x, perm, bounds, rows, act, glu, nb, params):
+    """One grouped GEMM call per layer of the FFN over Python-built per-expert views (the path without
+    the extension, where ``grouped_mm_out`` is a loop of ``torch.mm``)."""
+    w1, w2 = params[:nb], params[nb : 2 * nb]
+    b1, b2 = (params[2 * nb : 3 * nb], params[3 * nb :]) if len(params) > 2 * nb else (None, None)
+    xs = x if perm is None else x.index_select(0, perm.token_A)
+    live = [(e, s, t) for e, (s, t) in enumerate(bounds) if t > s]
+    W1 = [w1[rows[e][0]][rows[e][1]] for e, _, _ in live]
+    W2 = [w2[rows[e][0]][rows[e][1]] for e, _, _ in live]
+    h = xs.new_empty(xs.shape[0], w1[0].shape[-1])
+    grouped_mm_out([xs[s:t] for _, s, t in live], W1, [h[s:t] for _, s, t in live],
+                   bias=None if b1 is None else [b1[rows[e][0]][rows[e][1]] for e, _, _ in live])
+    a = act_fwd(h, act, glu)
+    y = xs.new_empty(xs.shape[0], w2[0].shape[-1])
+    grouped_mm_out([a[s:t] for _, s, t in live], W2, [y[s:t] for _, s, t in live],
+                   bias=None if b2 is None else [b2[rows[e][0]][rows[e][1]] for e, _, _ in live])
+    return h, y
+
+
+def _fused_backward(ext, x, h, params, dy, needs, perm, bounds, rows, act, glu, nb):
+    need_p = needs[7:]
+    has_bias = len(params) > 2 * nb
+    g: list[Tensor | None] = [p.new_empty(p.shape) if need else None for p, need in zip(params, need_p, strict=True)]
+    none = x.new_empty(0)
+
+    def grads(k: int) -> list[Tensor]:  # the k-th parameter group's gradient per block (placeholders where not needed)
+        return [none if t is None else t for t in g[k * nb : (k + 1) * nb]] if k < 2 or has_bias else []
+
+    def flags(k: int) -> list[bool]:
+        return list(need_p[k * nb : (k + 1) * nb]) if k < 2 or has_bias else [False] * nb
+
+    A = h.shape[0]
+    dxs = x.new_empty(A, x.shape[-1]) if needs[0] else none
+    ext.ffn_backward(x, _index(perm, x), [s for s, _ in bounds], [t for _, t in bounds], [r[0] for r in rows],
+                     [r[1] for r in rows], list(params[:nb]), list(params[nb : 2 * nb]), _ACT_CODE[act], glu, h, dy,
+                     dxs, grads(0), grads(1), grads(2), grads(3), flags(0), flags(1), flags(2), flags(3),
+                     torch.is_inference_mode_enabled())
+    dx = None
+    if needs[0]:
+        dx = dxs if perm is None else unpermute_grad(dxs, perm)
+    return (dx, None, None, None, None, None, None, *g)
 
 
 def expert_bounds(counts_E: Tensor) -> list[tuple[int, int]]:
