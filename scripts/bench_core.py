@@ -189,17 +189,21 @@ def build(impl: str, s: Shape) -> tuple[nn.Module, Callable[[torch.Tensor, torch
     fused = impl != "moeparadigms-grouped"
 
     def step(x: torch.Tensor, g: torch.Tensor) -> None:
-        grouped_ffn.FUSED = fused
-        for p in params:
-            p.grad = None
-        # the sequence-shaped peers get sequences of SEQ_LEN tokens (st-moe-pytorch routes, and sizes its
-        # capacity, per sequence: one 8,192-token sequence would inflate its dense dispatch tensors)
-        inp = x.view(-1, min(SEQ_LEN, x.shape[0]), x.shape[-1]) if three_d else x
-        out = m(inp)
-        y = out[0] if isinstance(out, tuple) else getattr(out, "y", getattr(out, "outputs", out))
-        y.reshape(g.shape).backward(g)
-        if s.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        # the expert path is chosen per forward (the backward follows it); restored so nothing leaks out
+        prev, grouped_ffn.FUSED = grouped_ffn.FUSED, fused
+        try:
+            for p in params:
+                p.grad = None
+            # the sequence-shaped peers get sequences of SEQ_LEN tokens (st-moe-pytorch routes, and sizes its
+            # capacity, per sequence: one 8,192-token sequence would inflate its dense dispatch tensors)
+            inp = x.view(-1, min(SEQ_LEN, x.shape[0]), x.shape[-1]) if three_d else x
+            out = m(inp)
+            y = out[0] if isinstance(out, tuple) else getattr(out, "y", getattr(out, "outputs", out))
+            y.reshape(g.shape).backward(g)
+            if s.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        finally:
+            grouped_ffn.FUSED = prev
 
     return m, step
 
