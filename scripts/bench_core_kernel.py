@@ -12,7 +12,8 @@
 * ``faults``: minor page faults per forward+backward of the whole layer against the dense FFN (fresh
   memory the kernel has to zero-fill; large allocations are fresh ``mmap`` s every step).
 
-    python scripts/bench_core_kernel.py --out benchmarks/results/core_kernel_cpu.json
+    python scripts/bench_core_kernel.py --reps 5 --out benchmarks/results/core_kernel_cpu.json
+    python scripts/bench_core_kernel.py --quick                      # seconds-long smoke run
 """
 from __future__ import annotations
 
@@ -81,7 +82,10 @@ def kernel(E: int, k: int, tokens: int, d: int, h: int, warmup: int, reps: int) 
             "recompute_share_of_fused": ms["act_recompute"] / ms["fused"]}
 
 
-def packed(rows: int, d: int, h: int, reps: int) -> dict:
+def packed(rows: int, d: int, h: int, reps: int) -> dict | None:
+    if not torch.backends.mkl.is_available():
+        print("packed: this torch has no MKL; skipped", file=sys.stderr)
+        return None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     x, w = torch.randn(rows, d), torch.randn(d, h)
@@ -113,16 +117,22 @@ def faults(E: int, k: int, tokens: int, d: int, h: int) -> dict:
     return {"E": E, "k": k, **{f"{i}_fault_mb": v for i, v in out.items()}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep: a smoke run")
+    args = ap.parse_args(argv)
+    for name in ("tokens", "reps", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be positive, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
-    d, h = 512, 1024
+    d, h = (64, 128) if args.quick else (512, 1024)
+    if args.quick:
+        args.tokens, args.warmup, args.reps = 256, 0, 1
     res: dict = {"kernel": [], "faults": [], "load_before": os.getloadavg()[0]}
     for threads in sorted({args.threads, 1}, reverse=True):  # and one thread, where CPU time is clean
         torch.set_num_threads(threads)
@@ -130,7 +140,7 @@ def main() -> None:
             res["kernel"].append(kernel(E, 2, args.tokens, d, h, args.warmup, args.reps))
             print(res["kernel"][-1], flush=True)
     torch.set_num_threads(args.threads)
-    res["packed"] = packed(2 * args.tokens // 64, d, h, 3 * args.reps)
+    res["packed"] = packed(2 * args.tokens // 64, d, h, 3 * args.reps)  # one expert's rows at E = 64, top-2
     print(res["packed"], flush=True)
     for E in (8, 64):
         res["faults"].append(faults(E, 2, args.tokens, d, h))
@@ -140,6 +150,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
+    return res
 
 
 if __name__ == "__main__":
