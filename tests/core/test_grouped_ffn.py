@@ -13,6 +13,7 @@ from .reference import expert_ref
 
 D, H = 8, 6
 COUNTS = [5, 0, 9, 3, 7, 4]  # an expert without rows; 5 live experts: the fused kernel runs them across 2 threads
+FEW = [0, 12, 0, 7]  # 2 live experts (< 2 per thread): the fused kernel runs them one after another
 BANKS = {
     "mlp-gelu-bias": lambda E: MLPExperts(d_model=D, hidden=H, num_experts=E, bias=True),
     "mlp-gelu_tanh": lambda E: MLPExperts(d_model=D, hidden=H, num_experts=E, activation="gelu_tanh"),
@@ -51,15 +52,16 @@ def _grads(y, g, x, bank):
     return torch.autograd.grad(y, [x, *params], g)
 
 
+@pytest.mark.parametrize("sizes", [COUNTS, FEW], ids=["many", "few"])
 @pytest.mark.parametrize("kind", sorted(BANKS))
-def test_sorted_rows_match_the_loop(path, kind):
+def test_sorted_rows_match_the_loop(path, kind, sizes):
     torch.manual_seed(0)
-    bank = BANKS[kind](len(COUNTS)).double()
-    x = torch.randn(sum(COUNTS), D, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(sum(COUNTS), D, dtype=torch.float64)
-    counts = torch.tensor(COUNTS)
+    bank = BANKS[kind](len(sizes)).double()
+    x = torch.randn(sum(sizes), D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(sum(sizes), D, dtype=torch.float64)
+    counts = torch.tensor(sizes)
     y = bank(x, counts)
-    ref = _loop_ref(bank, x, COUNTS)
+    ref = _loop_ref(bank, x, sizes)
     torch.testing.assert_close(y, ref)
     for got, want in zip(_grads(y, g, x, bank), _grads(ref, g, x, bank), strict=True):
         torch.testing.assert_close(got, want)
