@@ -5,8 +5,8 @@ Every bank maps ``x_AD`` (assignments sorted by expert, ``counts_E`` rows per ex
 * :class:`MLPExperts` / :class:`GLUExperts` keep stacked weights ``(E, D, H)`` (as row blocks, see
   :mod:`moeparadigms.core.params`) and compute every expert in one pass: on CUDA with bf16/fp16 through
   ``torch.nn.functional.grouped_mm`` (one fused grouped GEMM), elsewhere through
-  :class:`~moeparadigms.core.grouped_ffn.GroupedFFN`, one autograd node that runs one GEMM per expert
-  straight into slices of preallocated buffers, forward and backward.
+  :class:`~moeparadigms.core.grouped_ffn.GroupedFFN`, one autograd node whose C++ kernel runs each expert's
+  whole feed-forward (forward, and backward) as one task across threads, writing into preallocated buffers.
 * :class:`ModuleExperts` holds any ``nn.Module`` per expert (conv experts, user-defined ones).
 * :class:`FFN` is the dense MLP/GLU block (shared experts, dense baselines).
 
