@@ -5,7 +5,8 @@ naive per-expert loop, and the pip-installable peers, on the same tokens and sha
 Two expert families are compared, each against its own dense equivalent (E experts of hidden h with
 top-k do the FLOPs of one dense FFN of hidden k*h):
 
-* MLP (GELU) experts: ``moeparadigms`` (dropless), ``moeparadigms-capacity`` (capacity factor 1.25),
+* MLP (GELU) experts: ``moeparadigms`` (dropless), ``moeparadigms-grouped`` (the same layer through the earlier
+  per-GEMM grouped path instead of the fused per-expert kernel), ``moeparadigms-capacity`` (capacity factor 1.25),
   ``naive-loop`` (a per-expert loop indexing stacked weights), ``deepspeed`` (``deepspeed.moe.layer.MoE``,
   ``drop_tokens=False``), ``st-moe-pytorch`` (lucidrains, its default capacity factor 1.25 with the
   second-expert threshold disabled so every token gets k experts);
@@ -39,9 +40,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeparadigms.core import FFN, GLUExperts, MLPExperts, MoE, TopKRouter
+from moeparadigms.core import FFN, GLUExperts, MLPExperts, MoE, TopKRouter, grouped_ffn
 
-MLP_IMPLS = ["dense", "moeparadigms", "moeparadigms-capacity", "naive-loop", "deepspeed", "st-moe-pytorch"]
+MLP_IMPLS = ["dense", "moeparadigms", "moeparadigms-grouped", "moeparadigms-capacity", "naive-loop", "deepspeed", "st-moe-pytorch"]
 GLU_IMPLS = ["dense-glu", "moeparadigms-glu", "transformers-mixtral-eager", "transformers-mixtral-grouped_mm"]
 DENSE_OF = {i: "dense" for i in MLP_IMPLS} | {i: "dense-glu" for i in GLU_IMPLS}
 CAPACITY_FACTOR = 1.25
@@ -165,6 +166,8 @@ def build(impl: str, s: Shape) -> tuple[nn.Module, Callable[[torch.Tensor, torch
         m = FFN(d_model=s.d_model, hidden=s.k * s.hidden, activation="silu", glu=True)
     elif impl == "moeparadigms":
         m = _ours(s, glu=False, capacity=None)
+    elif impl == "moeparadigms-grouped":
+        m = _ours(s, glu=False, capacity=None)
     elif impl == "moeparadigms-capacity":
         m = _ours(s, glu=False, capacity=CAPACITY_FACTOR)
     elif impl == "moeparadigms-glu":
@@ -183,17 +186,24 @@ def build(impl: str, s: Shape) -> tuple[nn.Module, Callable[[torch.Tensor, torch
     three_d = impl in ("deepspeed", "st-moe-pytorch") or impl.startswith("transformers-")
     params = list(m.parameters())
 
+    fused = impl != "moeparadigms-grouped"
+
     def step(x: torch.Tensor, g: torch.Tensor) -> None:
-        for p in params:
-            p.grad = None
-        # the sequence-shaped peers get sequences of SEQ_LEN tokens (st-moe-pytorch routes, and sizes its
-        # capacity, per sequence: one 8,192-token sequence would inflate its dense dispatch tensors)
-        inp = x.view(-1, min(SEQ_LEN, x.shape[0]), x.shape[-1]) if three_d else x
-        out = m(inp)
-        y = out[0] if isinstance(out, tuple) else getattr(out, "y", getattr(out, "outputs", out))
-        y.reshape(g.shape).backward(g)
-        if s.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        # the expert path is chosen per forward (the backward follows it); restored so nothing leaks out
+        prev, grouped_ffn.FUSED = grouped_ffn.FUSED, fused
+        try:
+            for p in params:
+                p.grad = None
+            # the sequence-shaped peers get sequences of SEQ_LEN tokens (st-moe-pytorch routes, and sizes its
+            # capacity, per sequence: one 8,192-token sequence would inflate its dense dispatch tensors)
+            inp = x.view(-1, min(SEQ_LEN, x.shape[0]), x.shape[-1]) if three_d else x
+            out = m(inp)
+            y = out[0] if isinstance(out, tuple) else getattr(out, "y", getattr(out, "outputs", out))
+            y.reshape(g.shape).backward(g)
+            if s.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        finally:
+            grouped_ffn.FUSED = prev
 
     return m, step
 

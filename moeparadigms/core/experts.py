@@ -4,10 +4,9 @@ Every bank maps ``x_AD`` (assignments sorted by expert, ``counts_E`` rows per ex
 
 * :class:`MLPExperts` / :class:`GLUExperts` keep stacked weights ``(E, D, H)`` (as row blocks, see
   :mod:`moeparadigms.core.params`) and compute every expert in one pass: on CUDA with bf16/fp16 through
-  ``torch.nn.functional.grouped_mm`` (one fused grouped GEMM), elsewhere through a custom autograd
-  function that runs one GEMM per expert straight into slices of preallocated buffers, forward and
-  backward, so no per-expert weight gradient is ever zero-filled at full size (the cost that makes a
-  naive ``W[e]`` loop 10x slower on CPU).
+  ``torch.nn.functional.grouped_mm`` (one fused grouped GEMM), elsewhere through
+  :class:`~moeparadigms.core.grouped_ffn.GroupedFFN`, one autograd node whose C++ kernel runs each expert's
+  whole feed-forward (forward, and backward) as one task across threads, writing into preallocated buffers.
 * :class:`ModuleExperts` holds any ``nn.Module`` per expert (conv experts, user-defined ones).
 * :class:`FFN` is the dense MLP/GLU block (shared experts, dense baselines).
 
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Literal
 
@@ -27,179 +26,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_positive
-from ._kernels import grouped_mm_out
-from .dispatch import TopKPermutation, permute_topk, unpermute_grad
+from .dispatch import TopKPermutation, permute_topk
+from .grouped_ffn import ACT_FORWARD, GroupedFFN, expert_bounds, expert_rows
+from .grouped_ffn import act_fwd as _act_fwd  # the name forward_dense and FFN use
 from .params import ExpertParam, Remap, merge_remaps
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 Init = Literal["copy", "mean", "fresh"]
 Backend = Literal["auto", "loop", "grouped_mm", "autograd"]
 
-_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gelu": lambda g, h: torch.ops.aten.gelu_backward(g, h),
-    "gelu_tanh": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
-    "relu": lambda g, h: torch.ops.aten.threshold_backward(g, h, 0),
-    "silu": lambda g, h: torch.ops.aten.silu_backward(g, h),
-}
-
 
 def check_activation(activation: str) -> None:
-    if activation not in _FORWARD:
-        raise ValueError(f"activation={activation!r} is not supported; choose one of {sorted(_FORWARD)}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The per-expert GEMM loop as one autograd node
-# ---------------------------------------------------------------------------------------------------
-def _expert_rows(layout: Sequence[int], num_experts: int) -> list[tuple[int, int]]:
-    """(block index, row in block) for each expert, from the block sizes."""
-    out = []
-    for b, size in enumerate(layout):
-        out += [(b, r) for r in range(size)]
-    assert len(out) == num_experts
-    return out
-
-
-def _act_fwd(h: Tensor, act: str, glu: bool) -> Tensor:
-    if not glu:
-        return _FORWARD[act](h)
-    gate, up = h.chunk(2, dim=-1)
-    return _FORWARD[act](gate) * up
-
-
-def _act_bwd(da: Tensor, h: Tensor, act: str, glu: bool) -> Tensor:
-    """Gradient wrt the pre-activation ``h``; may overwrite ``da`` (it is dead afterwards)."""
-    if not glu:
-        if act == "relu":
-            return da.masked_fill_(h <= 0, 0.0)
-        if act in ("gelu", "gelu_tanh"):
-            approx = "tanh" if act == "gelu_tanh" else "none"
-            return torch.ops.aten.gelu_backward.grad_input(da, h, approximate=approx, grad_input=da)
-        return _BACKWARD[act](da, h)
-    gate, up = h.chunk(2, dim=-1)
-    dh = torch.empty_like(h)
-    d_gate, d_up = dh.chunk(2, dim=-1)
-    torch.mul(da, _FORWARD[act](gate), out=d_up)
-    torch.mul(da, up, out=d_gate)
-    d_gate.copy_(_BACKWARD[act](d_gate, gate))
-    return dh
-
-
-class _GroupedFFN(torch.autograd.Function):
-    """y_a = act(x_a @ W1[e] + b1[e]) @ W2[e] + b2[e] for rows a of expert e (GLU: act(gate) * up).
-
-    Every GEMM (forward, input gradient, weight gradient) goes through
-    :func:`~moeparadigms.core._kernels.grouped_mm_out` straight into slices of preallocated buffers.
-    Memory: only the pre-activation ``h`` is saved (the activation is recomputed in the backward), and
-    with ``perm`` the rows are gathered from the token-order input inside the function and gathered
-    again in the backward instead of keeping the (K times larger) sorted copy alive.
-    """
-
-    @staticmethod
-    def forward(ctx, x, perm, bounds, rows, act, glu, nb, *params):  # type: ignore[override]
-        w1, w2 = params[:nb], params[nb : 2 * nb]
-        b1, b2 = (params[2 * nb : 3 * nb], params[3 * nb :]) if len(params) > 2 * nb else (None, None)
-        xs = x if perm is None else x.index_select(0, perm.token_A)
-        live = [(e, s, t) for e, (s, t) in enumerate(bounds) if t > s]
-        W1 = [w1[rows[e][0]][rows[e][1]] for e, _, _ in live]
-        W2 = [w2[rows[e][0]][rows[e][1]] for e, _, _ in live]
-        h = xs.new_empty(xs.shape[0], w1[0].shape[-1])
-        grouped_mm_out([xs[s:t] for _, s, t in live], W1, [h[s:t] for _, s, t in live],
-                       bias=None if b1 is None else [b1[rows[e][0]][rows[e][1]] for e, _, _ in live])
-        a = _act_fwd(h, act, glu)
-        y = xs.new_empty(xs.shape[0], w2[0].shape[-1])
-        grouped_mm_out([a[s:t] for _, s, t in live], W2, [y[s:t] for _, s, t in live],
-                       bias=None if b2 is None else [b2[rows[e][0]][rows[e][1]] for e, _, _ in live])
-        ctx.save_for_backward(x, h, *params)
-        ctx.meta = (perm, bounds, rows, act, glu, nb)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        # grad mode is on inside a backward only under create_graph=True (double backward, second-order
-        # MAML, torch.func hessians): this kernel's gradients are not differentiable, so refuse instead of
-        # silently returning first-order terms
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the grouped expert kernel (backend='loop', or 'auto' on CPU) is differentiable once only; "
-                "a second derivative (create_graph=True, e.g. second-order MAML) needs the experts built with "
-                "backend='autograd' (or the layer built with dense_dispatch=True)"
-            )
-        return _GroupedFFN._backward(ctx, dy)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def _backward(ctx, dy):
-        perm, bounds, rows, act, glu, nb = ctx.meta
-        x, h, *params = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        need_p = needs[7:]
-        w1, w2 = params[:nb], params[nb : 2 * nb]
-        has_bias = len(params) > 2 * nb
-        dy = dy.contiguous()
-        live = [(e, s, t) for e, (s, t) in enumerate(bounds) if t > s]
-        counts = torch.tensor([t - s for s, t in bounds])
-        g: list[Tensor | None] = [None] * len(params)
-
-        def weight_grads(offset: int, lhs: Tensor, rhs: Tensor) -> None:
-            # dW[e] = lhs[s:t]^T @ rhs[s:t] for the blocks that need it; experts without rows get zeros
-            for bi in range(nb):
-                if not need_p[offset + bi]:
-                    continue
-                p = params[offset + bi]
-                g[offset + bi] = grad = torch.empty_like(p)
-                start = sum(params[offset + j].shape[0] for j in range(bi))
-                mine = [(e, s, t) for e, s, t in live if rows[e][0] == bi]
-                grouped_mm_out([lhs[s:t].t() for _, s, t in mine], [rhs[s:t] for _, s, t in mine],
-                               [grad[rows[e][1]] for e, _, _ in mine])
-                empty = counts[start : start + p.shape[0]] == 0
-                if empty.any():
-                    grad[empty] = 0
-
-        def bias_grads(offset: int, rhs: Tensor) -> None:
-            if not has_bias or not any(need_p[offset : offset + nb]):
-                return
-            per_expert = torch.segment_reduce(rhs, "sum", lengths=counts.to(rhs.device), axis=0)
-            start = 0
-            for bi in range(nb):
-                n = params[offset + bi].shape[0]
-                if need_p[offset + bi]:
-                    g[offset + bi] = per_expert[start : start + n].clone()
-                start += n
-
-        if any(need_p[nb : 2 * nb]):
-            weight_grads(nb, _act_fwd(h, act, glu), dy)  # the activation, recomputed, dies right after
-        bias_grads(3 * nb, dy)
-        dx = None
-        need_dh = needs[0] or any(need_p[:nb]) or (has_bias and any(need_p[2 * nb : 3 * nb]))
-        if need_dh:
-            W2t = [w2[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
-            da = dy.new_empty(h.shape[0], w2[0].shape[1])
-            grouped_mm_out([dy[s:t] for _, s, t in live], W2t, [da[s:t] for _, s, t in live])
-            dh = _act_bwd(da, h, act, glu)
-            del da
-            xs = x if perm is None else x.index_select(0, perm.token_A)
-            weight_grads(0, xs, dh)
-            del xs
-            bias_grads(2 * nb, dh)
-            if needs[0]:
-                dxs = dh.new_empty(dh.shape[0], x.shape[-1])
-                W1t = [w1[rows[e][0]][rows[e][1]].t() for e, _, _ in live]
-                grouped_mm_out([dh[s:t] for _, s, t in live], W1t, [dxs[s:t] for _, s, t in live])
-                dx = dxs if perm is None else unpermute_grad(dxs, perm)
-        return (dx, None, None, None, None, None, None, *g)
-
-
-def _bounds(counts_E: Tensor) -> list[tuple[int, int]]:
-    ends = torch.cumsum(counts_E, 0).tolist()
-    starts = [0] + ends[:-1]
-    return list(zip(starts, ends, strict=True))
+    if activation not in ACT_FORWARD:
+        raise ValueError(f"activation={activation!r} is not supported; choose one of {sorted(ACT_FORWARD)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -402,14 +241,14 @@ class _StackedExperts(Experts):
             return self._forward_autograd(x, counts_E, dtype)
         layout = [b.shape[0] for b in self.w1.blocks]
         flat = [b.to(dtype) for p in params for b in p.blocks]
-        rows = _expert_rows(layout, self.num_experts)
-        return _GroupedFFN.apply(x, perm, _bounds(counts_E), rows, self.activation, self.glu, len(layout), *flat)
+        rows = expert_rows(layout, self.num_experts)
+        return GroupedFFN.apply(x, perm, expert_bounds(counts_E), rows, self.activation, self.glu, len(layout), *flat)
 
     def _forward_autograd(self, x: Tensor, counts_E: Tensor, dtype: torch.dtype) -> Tensor:
         """Plain differentiable ops, one expert at a time: slow, but it supports double backward and
         ``torch.func`` transforms (second-order MAML)."""
         outs = []
-        for e, (s, t) in enumerate(_bounds(counts_E)):
+        for e, (s, t) in enumerate(expert_bounds(counts_E)):
             if t == s and x.shape[0]:  # no rows at all: every expert runs on its empty slice (zero gradients)
                 continue
             h = x[s:t] @ self.w1.row(e).to(dtype)
@@ -516,7 +355,7 @@ class ModuleExperts(Experts):
             # no rows: each expert on the empty batch, so the output stays in the graph (zero gradients)
             return sum((expert(x_AD) for expert in self.experts), x_AD.new_zeros(x_AD.shape))
         outs = []
-        for expert, (s, t) in zip(self.experts, _bounds(counts_E), strict=True):
+        for expert, (s, t) in zip(self.experts, expert_bounds(counts_E), strict=True):
             if t > s:
                 outs.append(expert(x_AD[s:t]))
         return torch.cat(outs, 0)

@@ -16,17 +16,35 @@ def _main():
 
 def test_bench_core_quick_smoke(tmp_path):
     out = tmp_path / "core.json"
-    records = _main()(["--quick", "--out", str(out), "--impls", "dense", "moeparadigms", "moeparadigms-capacity", "naive-loop",
-                       "moeparadigms-glu", "--no-memory"])
+    records = _main()(["--quick", "--out", str(out), "--impls", "dense", "moeparadigms", "moeparadigms-grouped",
+                       "moeparadigms-capacity", "naive-loop", "moeparadigms-glu", "--no-memory"])
     data = json.loads(out.read_text())
     assert data["records"] == records
     impls = {r["impl"] for r in records}
-    assert impls == {"dense", "moeparadigms", "moeparadigms-capacity", "naive-loop", "dense-glu", "moeparadigms-glu"}
+    assert impls == {"dense", "moeparadigms", "moeparadigms-grouped", "moeparadigms-capacity", "naive-loop", "dense-glu",
+                     "moeparadigms-glu"}
+
     for r in records:
         assert set(r) >= {"E", "k", "impl", "median_s", "ratio_vs_dense", "peak_mb"}
         assert r["median_s"] > 0 and len(r["times_s"]) == 2
     dense = [r for r in records if r["impl"] == "dense"]
     assert all(r["ratio_vs_dense"] == 1.0 for r in dense)
+
+
+def test_bench_core_grouped_step_runs_the_grouped_path_and_restores_the_choice(monkeypatch):
+    from moeparadigms.core import _kernels, grouped_ffn
+
+    ns = runpy.run_path(str(SCRIPT), run_name="bench_core")
+    shape = ns["Shape"](tokens=64, d_model=16, hidden=32, E=4, k=2)
+    _, step = ns["build"]("moeparadigms-grouped", shape)
+    x, g = ns["_inputs"](shape, 0)
+    seen = []
+    ext = _kernels.extension
+    monkeypatch.setattr(_kernels, "extension", lambda: seen.append(grouped_ffn.FUSED) or ext())
+    step(x, g)
+    assert grouped_ffn.FUSED, "the bench's choice of expert path must not leak out of its step"
+    if _kernels.available():
+        assert seen == [], "the grouped step must not ask for the fused kernel"
 
 
 def test_bench_core_peak_memory_subprocess():
