@@ -12,7 +12,8 @@ the runs an earlier --out already holds, matched on paradigm, benchmark, method,
 
 Control kinds: ``dense-same-trunk`` (the same block with one always-on expert of the MoE's active size: top_k x
 the expert hidden width), ``moe-fixed-routing`` (the same experts, same initialisation, under the core's fixed
-hash router), ``moe-task-only`` (routing by the task id alone), ``single-scaled-expert`` (Soft MoE's slots into
+hash router), ``moe-task-only`` (routing by the task id alone), ``moe-learned-routing`` (continual: a learned
+router instead of the experience inference), ``single-scaled-expert`` (Soft MoE's slots into
 one expert of the four's parameters). Active parameters: what one sample's forward uses (top_k experts of a bank);
 total parameters: every parameter.
 
@@ -35,8 +36,9 @@ Paradigms (``--paradigms``, default all):
   expert of hidden 128 per experience, old ones frozen) on class-incremental split digits (10 epochs per
   experience), metric: final average accuracy. Control: ``moe-growth-one-expert`` (``dense-same-trunk``): the same
   module, Gaussian inference and per-experience heads over ONE shared expert of hidden 128, no growth, nothing
-  frozen (``FixedExperts``). Growth with a learned router instead of the inference has no option in
-  ContinualMoE (growth policies need the ExperienceRouter) and is not run.
+  frozen (``FixedExperts``); ``moe-growth-learned-router`` (``moe-learned-routing``): the same growth and freezing
+  without the inference (``ContinualMoE(task_inference="router")``: a learned top-1 router over every grown expert,
+  never masked, picks the experience's head), itself also compared with ``moe-growth-one-expert``.
 
     python scripts/bench_controls.py --out benchmarks/results/controls.json
     python scripts/bench_controls.py --paradigms multitask meta continual --out benchmarks/results/controls.json --resume
@@ -60,14 +62,17 @@ PARADIGMS = ("rl", "multitask", "meta", "continual")
 # each paradigm's MoE methods and their controls (rl: bench_rl.CONTROLS)
 MT_CONTROLS = {"task-moe": ("task-moe-dense-trunk", "task-moe-hash", "task-moe-task-only")}
 META_CONTROLS = {"moe-maml": ("moe-maml-dense-trunk", "moe-maml-hash")}
-CL_CONTROLS = {"moe-growth": ("moe-growth-one-expert",)}
+# continual: the learned-router control is also compared with the one-expert control (growth + freezing without the
+# inference against one shared expert with it)
+CL_CONTROLS = {"moe-growth": ("moe-growth-one-expert", "moe-growth-learned-router"),
+               "moe-growth-learned-router": ("moe-growth-one-expert",)}
 CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS}
 CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-fixed-routing",
                 "ppo-soft-moe-one-expert": "single-scaled-expert",
                 "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
                 "task-moe-task-only": "moe-task-only",
                 "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing",
-                "moe-growth-one-expert": "dense-same-trunk"}
+                "moe-growth-one-expert": "dense-same-trunk", "moe-growth-learned-router": "moe-learned-routing"}
 RL_METHODS = bench_rl.CONTROL_METHODS  # each MoE method followed by its controls
 
 
@@ -215,9 +220,12 @@ def run_continual(job: dict) -> dict:
         growth = ExpertPerExperience(experts=1)
     elif method == "moe-growth-one-expert":
         growth = FixedExperts()
+    elif method == "moe-growth-learned-router":
+        growth = ExpertPerExperience(experts=1)
     else:
         raise ValueError(f"unknown continual method {method!r}")
-    model = ContinualMoE(moe=moe, growth=growth, lr=1e-3, seed=seed, replay_size=0, plots=False)
+    model = ContinualMoE(moe=moe, growth=growth, lr=1e-3, seed=seed, replay_size=0, plots=False,
+                         task_inference="router" if method == "moe-growth-learned-router" else "gaussian")
     trainer = pl.Trainer(max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=1, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)

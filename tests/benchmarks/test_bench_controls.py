@@ -40,7 +40,13 @@ def test_bench_controls_quick(tmp_path):
 NEW = {"multitask": {"task-moe": None, "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
                      "task-moe-task-only": "moe-task-only"},
        "meta": {"moe-maml": None, "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing"},
-       "continual": {"moe-growth": None, "moe-growth-one-expert": "dense-same-trunk"}}
+       "continual": {"moe-growth": None, "moe-growth-one-expert": "dense-same-trunk",
+                     "moe-growth-learned-router": "moe-learned-routing"}}
+# each compared method and its controls (the continual learned-router control is also compared with the one expert)
+COMPARED = {"task-moe": {"task-moe-dense-trunk", "task-moe-hash", "task-moe-task-only"},
+            "moe-maml": {"moe-maml-dense-trunk", "moe-maml-hash"},
+            "moe-growth": {"moe-growth-one-expert", "moe-growth-learned-router"},
+            "moe-growth-learned-router": {"moe-growth-one-expert"}}
 BENCHES = {"multitask": {"mmoe-synthetic-p0.5", "mmoe-synthetic-p0.1"}, "meta": {"sinusoid"}, "continual": {"split-digits-ci"}}
 
 
@@ -71,17 +77,19 @@ def test_bench_controls_quick_other_paradigms(tmp_path):
         assert h["total_params"] < m["total_params"] and m["total_params"] - h["total_params"] <= 400
     g, one = by[("split-digits-ci", "moe-growth")], by[("split-digits-ci", "moe-growth-one-expert")]
     assert g["num_experts"] == 5 and one["num_experts"] == 1 and abs(g["active_params"] - one["active_params"]) <= 64 * 4
+    learned = by[("split-digits-ci", "moe-growth-learned-router")]  # the same grown network, another inference
+    assert learned["num_experts"] == 5 and (learned["active_params"], learned["total_params"]) == (g["active_params"], g["total_params"])
     assert all(rec["higher_is_better"] is (rec["paradigm"] == "continual") for rec in data["records"])
     effects = {(e["benchmark"], e["method"]): e for e in data["effects"]}
-    assert set(effects) == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m, c in methods.items() if c is None}
+    assert set(effects) == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m in methods if m in COMPARED}
     for (bench, method), e in effects.items():
-        assert e["control"] in [m for p in NEW.values() for m, c in p.items() if c is not None and m.startswith(method)]
+        assert e["control"] in COMPARED[method]
         assert e["ci_low"] <= e["diff"] <= e["ci_high"] and e["seeds"] == [0, 1]
         assert f"| {e['paradigm']} | {bench} |" in data["markdown"]
     # and against each control alone, where there are several
-    per = {(e["benchmark"], e["control"]) for e in data["effects_per_control"]}
-    assert per == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m, c in methods.items()
-                   if c is not None and p != "continual"}
+    per = {(e["benchmark"], e["method"], e["control"]) for e in data["effects_per_control"]}
+    assert per == {(b, m, c) for p, methods in NEW.items() for b in BENCHES[p] for m in methods
+                   if len(COMPARED.get(m, ())) > 1 for c in COMPARED[m]}
     # --resume runs nothing new when every run is there; another budget (full) would be new runs
     r2 = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
