@@ -94,10 +94,20 @@ CL_BUDGET = {"full": dict(epochs=10), "quick": dict(epochs=1)}
 SEEDS = {"full": {"rl": 10, "multitask": 10, "meta": 5, "continual": 10}, "quick": dict.fromkeys(PARADIGMS, 2)}
 
 
-def rl_record(rec: dict) -> dict:
-    return {"paradigm": "rl", "benchmark": rec["env"], "method": rec["method"], "control": CONTROL_KIND.get(rec["method"]),
+def rl_record(rec: dict) -> dict | list[dict]:
+    """The final return at the zoo's budget; at another budget (``--rl-steps``, benchmark ``<env>@<k>k``) also the
+    steps until the running mean of 20 episodes first reaches bench_rl's threshold, censored at the budget (the
+    value is the budget when it never does; ``reached`` says which)."""
+    env, steps = rec["env"], rec["steps"]
+    base = {"paradigm": "rl", "benchmark": env, "method": rec["method"], "control": CONTROL_KIND.get(rec["method"]),
             "seed": rec["seed"], "metric": "final_return", "higher_is_better": True, "value": rec["final_return"],
-            "wall_s": rec["wall_s"], "active_params": rec["active_params"], "steps": rec["steps"]}
+            "wall_s": rec["wall_s"], "active_params": rec["active_params"], "steps": steps}
+    if steps == bench_rl.STEPS[env]:
+        return base
+    base.update(benchmark=f"{env}@{steps // 1000}k", env=env)
+    hit = rec["steps_to_threshold"]
+    return [base, {**base, "metric": f"steps_to_{bench_rl.THRESHOLD[env]:g}", "higher_is_better": False,
+                   "value": steps if hit is None else hit, "reached": hit is not None}]
 
 
 def _record(job: dict, metric: str, higher: bool, value: float, wall: float, active: int, total: int, **extra) -> dict:
@@ -248,13 +258,13 @@ RUNNERS = {"rl": lambda job: rl_record(bench_rl.run_one(job)), "multitask": run_
 
 
 def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str], envs: list[str],
-              meta_benchmarks: list[str]) -> list[dict]:
+              meta_benchmarks: list[str], rl_steps: int | None = None) -> list[dict]:
     """One paradigm's runs, the methods interleaved per seed (the same machine load for a method and its controls)."""
     mode = "quick" if quick else "full"
     n = seeds or SEEDS[mode][paradigm]
     ms = [m for m in METHODS[paradigm] if m in methods]
     if paradigm == "rl":
-        es, steps = (["CartPole-v1"], 1_000) if quick else (envs, None)
+        es, steps = (["CartPole-v1"], 1_000) if quick else (envs, rl_steps)
         return [dict(paradigm="rl", env=e, seed=s, method=m, steps=steps or bench_rl.STEPS[e])
                 for e in es for s in range(n) for m in ms]
     if paradigm == "multitask":
@@ -309,7 +319,7 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
                 if len(v) >= 2:
                     scores[m] = [[x] for x in v]
             if scores:
-                iqm[bench] = _iqm(json.dumps(scores, sort_keys=True))
+                iqm[bench if metric == "final_return" else f"{bench} {metric}"] = _iqm(json.dumps(scores, sort_keys=True))
     # one table, each paradigm's rows with its metric's digits
     parts = [effects_table(es, digits=DIGITS.get(p, 3)).splitlines() for p, es in tables.items()]
     rows = parts[0] + [row for part in parts[1:] for row in part[2:]] if parts else []
@@ -334,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--paradigms", nargs="+", default=list(PARADIGMS), choices=list(PARADIGMS))
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1"], choices=["CartPole-v1", "Acrobot-v1"],
                     help="rl's environments")
+    ap.add_argument("--rl-steps", type=int, default=None,
+                    help="rl's budget (default the zoo's 100k); another budget is benchmark <env>@<k>k and adds the "
+                         "steps-to-threshold metric")
     ap.add_argument("--meta-benchmarks", nargs="+", default=["sinusoid"], choices=["sinusoid", "multimodal"])
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per paradigm (default: " + ", ".join(f"{p} {n}" for p, n in SEEDS["full"].items()) + ")")
@@ -342,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true", help="keep the records --out already holds and run the rest")
     args = ap.parse_args(argv)
     jobs = [j for p in args.paradigms
-            for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks)]
+            for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks, args.rl_steps)]
     records: list[dict] = []
     runs: list[dict] = []
     if args.resume and args.out.is_file():
@@ -372,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = None
     for job in track(jobs, description="controls"):
-        records.append(RUNNERS[job["paradigm"]](job))
+        new = RUNNERS[job["paradigm"]](job)
+        records.extend(new if isinstance(new, list) else [new])
         summary = write(args.out, records, verbose=False, **meta())
     summary = write(args.out, records, **meta())
     print(summary["markdown"])

@@ -26,15 +26,22 @@ def test_bench_controls_quick(tmp_path):
     # the control has the MoE's active parameters in its one expert (the routers' few weights aside)
     active = {rec["method"]: rec["active_params"] for rec in data["records"]}
     assert abs(active["ppo-moe"] - active["ppo-moe-dense-trunk"]) <= 4 * 64 + 4
-    (effect,) = data["effects"]
-    assert effect["method"] == "ppo-moe" and effect["control"] in ("ppo-moe-dense-trunk", "ppo-moe-hash")
-    assert effect["ci_low"] <= effect["diff"] <= effect["ci_high"] and effect["verdict"] in ("helps", "hurts", "no evidence")
-    assert "| rl | CartPole-v1 |" in data["markdown"] and "IQM" in r.stdout
+    # a budget other than the zoo's (1k steps here) is its own benchmark, with the final return and the steps to
+    # bench_rl's threshold (censored at the budget: never reached in 1k steps)
+    assert {(rec["benchmark"], rec["metric"]) for rec in data["records"]} == {("CartPole-v1@1k", "final_return"),
+                                                                              ("CartPole-v1@1k", "steps_to_475")}
+    steps = [rec for rec in data["records"] if rec["metric"] == "steps_to_475"]
+    assert all(rec["value"] == 1_000 and rec["reached"] is False and rec["higher_is_better"] is False for rec in steps)
+    assert {e["metric"] for e in data["effects"]} == {"final_return", "steps_to_475"}
+    for effect in data["effects"]:
+        assert effect["method"] == "ppo-moe" and effect["control"] in ("ppo-moe-dense-trunk", "ppo-moe-hash")
+        assert effect["ci_low"] <= effect["diff"] <= effect["ci_high"] and effect["verdict"] in ("helps", "hurts", "no evidence")
+    assert "| rl | CartPole-v1@1k |" in data["markdown"] and "IQM" in r.stdout
     # --resume runs nothing new when every run is there
     r2 = subprocess.run([sys.executable, str(ROOT / "scripts/bench_controls.py"), "--quick", "--resume", "--out", str(out),
                          "--methods", "ppo-moe", "ppo-moe-dense-trunk", "ppo-moe-hash"],
                         capture_output=True, text=True, timeout=120)
-    assert r2.returncode == 0 and len(json.loads(out.read_text())["records"]) == 6
+    assert r2.returncode == 0 and len(json.loads(out.read_text())["records"]) == 12
 
 
 NEW = {"multitask": {"task-moe": None, "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
