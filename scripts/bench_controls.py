@@ -66,6 +66,17 @@ META_CONTROLS = {"moe-maml": ("moe-maml-dense-trunk", "moe-maml-hash")}
 # inference against one shared expert with it)
 CL_CONTROLS = {"moe-growth": ("moe-growth-one-expert", "moe-growth-learned-router"),
                "moe-growth-learned-router": ("moe-growth-one-expert",)}
+# the literature's attempts where no effect was found, run only when named in --methods: each its own MoE method
+# with its own controls (the same three kinds, sized to it). Multi-task: Task-MoE top-1 of the 8 experts, and 16
+# experts top-2; meta: 8 experts of hidden 32, top-1.
+MT_VARIANTS = {"top1": dict(top_k=1), "16e": dict(num_experts=16)}
+META_VARIANTS = {"8e-top1": dict(E=8, k=1)}
+for _v in MT_VARIANTS:
+    MT_CONTROLS[f"task-moe-{_v}"] = tuple(f"task-moe-{_v}-{c}" for c in ("dense-trunk", "hash", "task-only"))
+for _v in META_VARIANTS:
+    META_CONTROLS[f"moe-maml-{_v}"] = tuple(f"moe-maml-{_v}-{c}" for c in ("dense-trunk", "hash"))
+ATTEMPTS = {m for g in (MT_CONTROLS, META_CONTROLS) for moe, cs in g.items() if moe not in ("task-moe", "moe-maml")
+            for m in (moe, *cs)}
 CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS}
 CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-fixed-routing",
                 "ppo-soft-moe-one-expert": "single-scaled-expert",
@@ -73,6 +84,8 @@ CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-
                 "task-moe-task-only": "moe-task-only",
                 "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing",
                 "moe-growth-one-expert": "dense-same-trunk", "moe-growth-learned-router": "moe-learned-routing"}
+_SUFFIX_KIND = {"-dense-trunk": "dense-same-trunk", "-hash": "moe-fixed-routing", "-task-only": "moe-task-only"}
+CONTROL_KIND.update({m: k for m in ATTEMPTS for suffix, k in _SUFFIX_KIND.items() if m.endswith(suffix)})
 RL_METHODS = bench_rl.CONTROL_METHODS  # each MoE method followed by its controls
 
 
@@ -82,6 +95,7 @@ def _methods(groups: dict) -> tuple[str, ...]:
 
 METHODS = {p: (RL_METHODS if p == "rl" else _methods(g)) for p, g in CONTROLS.items()}
 ALL_METHODS = tuple(m for p in PARADIGMS for m in METHODS[p])
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in ATTEMPTS)
 DIGITS = {"rl": 1, "multitask": 4, "meta": 3, "continual": 4}  # table digits per paradigm's metric
 
 # budgets (full / quick); every record keeps its budget, --resume matches on it
@@ -139,6 +153,10 @@ def run_multitask(job: dict) -> dict:
     # configs/multitask/task_moe.yaml's sizes
     kw = dict(d_model=32, num_experts=8, expert_hidden=21, top_k=2, depth=1, conditioning="concat", task_dim=8,
               load_balance_coef=0.01, z_loss_coef=0.001)
+    for v, extra in MT_VARIANTS.items():  # an attempt: its settings, then the same method names as the base
+        if method.startswith(f"task-moe-{v}"):
+            kw.update(extra)
+            method = "task-moe" + method[len(f"task-moe-{v}"):]
     if method == "task-moe-dense-trunk":  # one always-on expert of the active size
         kw.update(num_experts=1, expert_hidden=kw["top_k"] * kw["expert_hidden"], top_k=1)
     if method == "task-moe-task-only":
@@ -183,6 +201,10 @@ def run_meta(job: dict) -> dict:
         num_test_tasks=b["tasks"], eval_batch_size=100, seed=seed)
     pl.seed_everything(seed, workers=True, verbose=False)
     D, E, H, k = 32, 4, 32, 2  # bench_meta's moe-maml block
+    for v, extra in META_VARIANTS.items():  # an attempt: more experts / another top_k, then the base method names
+        if method.startswith(f"moe-maml-{v}"):
+            E, k = extra["E"], extra["k"]
+            method = "moe-maml" + method[len(f"moe-maml-{v}"):]
     if method == "moe-maml":
         moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=k),
                   experts=MLPExperts(d_model=D, hidden=H, num_experts=E, backend="autograd"),
@@ -258,7 +280,7 @@ RUNNERS = {"rl": lambda job: rl_record(bench_rl.run_one(job)), "multitask": run_
 
 
 def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str], envs: list[str],
-              meta_benchmarks: list[str], rl_steps: int | None = None) -> list[dict]:
+              meta_benchmarks: list[str], rl_steps: int | None = None, mt_p: tuple[float, ...] = MT_P) -> list[dict]:
     """One paradigm's runs, the methods interleaved per seed (the same machine load for a method and its controls)."""
     mode = "quick" if quick else "full"
     n = seeds or SEEDS[mode][paradigm]
@@ -269,7 +291,7 @@ def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str],
                 for e in es for s in range(n) for m in ms]
     if paradigm == "multitask":
         return [dict(paradigm=paradigm, benchmark=f"mmoe-synthetic-p{p}", p=p, seed=s, method=m, budget=MT_BUDGET[mode])
-                for p in MT_P for s in range(n) for m in ms]
+                for p in mt_p for s in range(n) for m in ms]
     if paradigm == "meta":
         return [dict(paradigm=paradigm, benchmark=b, seed=s, method=m, budget=META_BUDGET[mode])
                 for b in meta_benchmarks for s in range(n) for m in ms]
@@ -350,12 +372,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--meta-benchmarks", nargs="+", default=["sinusoid"], choices=["sinusoid", "multimodal"])
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per paradigm (default: " + ", ".join(f"{p} {n}" for p, n in SEEDS["full"].items()) + ")")
-    ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS),
-                    help="run only these methods (of every paradigm in --paradigms)")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(ALL_METHODS),
+                    help="run only these methods (of every paradigm in --paradigms; default: all but the attempts "
+                         "task-moe-top1*, task-moe-16e*, moe-maml-8e-top1*)")
+    ap.add_argument("--mt-p", nargs="+", type=float, default=list(MT_P), choices=list(MT_P), help="multitask's correlations")
+    ap.add_argument("--merge", nargs="+", type=Path, default=[],
+                    help="add the records of these JSONs (runs made in parallel into other --out files) before running")
     ap.add_argument("--resume", action="store_true", help="keep the records --out already holds and run the rest")
     args = ap.parse_args(argv)
     jobs = [j for p in args.paradigms
-            for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks, args.rl_steps)]
+            for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks, args.rl_steps,
+                               tuple(args.mt_p))]
     records: list[dict] = []
     runs: list[dict] = []
     if args.resume and args.out.is_file():
@@ -363,6 +390,12 @@ def main(argv: list[str] | None = None) -> None:
         records = old["records"]
         # earlier invocations' commands and wall times (the first file kept one at the top level)
         runs = old.get("runs") or ([{"command": old["command"], "wall_s": old["wall_s"]}] if "command" in old else [])
+    for other in args.merge:  # records (and invocations) of runs made in parallel into other files
+        more = json.loads(other.read_text())
+        have = {(job_key(r), r["metric"]) for r in records}
+        records += [r for r in more["records"] if (job_key(r), r["metric"]) not in have]
+        runs += [run for run in more.get("runs", []) if run not in runs]
+    if args.resume or args.merge:
         done = {job_key(r) for r in records}
         jobs = [j for j in jobs if job_key(j) not in done]
     import logging
