@@ -43,6 +43,7 @@ Paradigms (``--paradigms``, default all):
     python scripts/bench_controls.py --out benchmarks/results/controls.json
     python scripts/bench_controls.py --paradigms multitask meta continual --out benchmarks/results/controls.json --resume
     python scripts/bench_controls.py --quick --out /tmp/controls.json      # smoke run of every paradigm (seconds)
+    python scripts/bench_controls.py --report --out benchmarks/results/controls.json   # BENCHMARKS.md's tables
 """
 from __future__ import annotations
 
@@ -349,6 +350,38 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
             "iqm": iqm, "markdown": "\n".join(rows)}
 
 
+def report(data: dict) -> str:
+    """BENCHMARKS.md's tables from a written JSON (``--report``): the effects, the effects against each control
+    alone, each method's mean ± std with its parameters and wall time, RL's interquartile means."""
+    import numpy as np
+
+    digits = {(e["paradigm"], e["benchmark"], e["metric"]): DIGITS.get(e["paradigm"], 3) for e in data["effects"]}
+    out = ["Best control per MoE method:", "", data["markdown"], "", "Against each control alone:", "",
+           "| benchmark | metric | MoE | control | MoE - control [95% CI] | seeds | verdict |", "|---|---|---|---|---|---|---|"]
+    for e in data["effects_per_control"]:
+        f = f"{{:.{digits.get((e['paradigm'], e['benchmark'], e['metric']), 3)}f}}".format
+        out.append(f"| {e['benchmark']} | {e['metric']} | {e['method']} | {e['control']} | {f(e['diff'])} "
+                   f"[{f(e['ci_low'])}, {f(e['ci_high'])}] | {len(e['seeds'])} | {e['verdict']} |")
+    out += ["", "Per method (mean ± std over seeds):", "",
+            "| paradigm | benchmark | metric | method | control kind | mean ± std | seeds | active params | total params "
+            "| train s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    recs = [r for r in data["records"] if r["value"] is not None]
+    for key in dict.fromkeys((r["paradigm"], r["benchmark"], r["metric"], r["method"]) for r in recs):
+        rs = [r for r in recs if (r["paradigm"], r["benchmark"], r["metric"], r["method"]) == key]
+        v = np.array([r["value"] for r in rs], dtype=float)
+        f = f"{{:.{DIGITS.get(key[0], 3)}f}}".format
+        total = rs[0].get("total_params")
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {rs[0]['control'] or '(MoE)'} | {f(v.mean())} ± "
+                   f"{f(v.std(ddof=1) if len(v) > 1 else 0.0)} | {len(v)} | {rs[0]['active_params']:,} | "
+                   f"{'-' if total is None else f'{total:,}'} | {np.mean([r['wall_s'] for r in rs]):.1f} |")
+    out += ["", "RL interquartile means [95% stratified-bootstrap CI]:", ""]
+    out += [f"- {bench}: " + "; ".join(f"{m} {v['iqm']:.1f} [{v['ci_low']:.1f}, {v['ci_high']:.1f}]" for m, v in per.items())
+            for bench, per in data["iqm"].items()]
+    out += ["", "Invocations that wrote the JSON:", ""]
+    out += [f"- `{run['command']}`: {run['wall_s'] / 60:.1f} min" for run in data.get("runs", [])]
+    return "\n".join(out)
+
+
 def write(path: Path, records: list[dict], verbose: bool = True, **meta) -> dict:
     summary = summarise(records, verbose)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -376,10 +409,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="run only these methods (of every paradigm in --paradigms; default: all but the attempts "
                          "task-moe-top1*, task-moe-16e*, moe-maml-8e-top1*)")
     ap.add_argument("--mt-p", nargs="+", type=float, default=list(MT_P), choices=list(MT_P), help="multitask's correlations")
+    ap.add_argument("--report", action="store_true", help="print BENCHMARKS.md's tables from --out and run nothing")
     ap.add_argument("--merge", nargs="+", type=Path, default=[],
                     help="add the records of these JSONs (runs made in parallel into other --out files) before running")
     ap.add_argument("--resume", action="store_true", help="keep the records --out already holds and run the rest")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(json.loads(args.out.read_text())))
+        return
     jobs = [j for p in args.paradigms
             for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks, args.rl_steps,
                                tuple(args.mt_p))]

@@ -102,3 +102,9 @@ def test_bench_controls_quick_other_paradigms(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert len(json.loads(out.read_text())["records"]) == len(got)
     assert len(json.loads(out.read_text())["runs"]) == 2
+    # --report prints BENCHMARKS.md's tables from the JSON, running nothing
+    r3 = subprocess.run([sys.executable, str(ROOT / "scripts/bench_controls.py"), "--report", "--out", str(out)],
+                        capture_output=True, text=True, timeout=120)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert data["markdown"] in r3.stdout and "| split-digits-ci | final_avg_acc | moe-growth | moe-growth-learned-router |" in r3.stdout
+    assert "| continual | split-digits-ci | final_avg_acc | moe-growth-learned-router | moe-learned-routing |" in r3.stdout
