@@ -377,6 +377,20 @@ def report(data: dict) -> str:
     out += ["", "RL interquartile means [95% stratified-bootstrap CI]:", ""]
     out += [f"- {bench}: " + "; ".join(f"{m} {v['iqm']:.1f} [{v['ci_low']:.1f}, {v['ci_high']:.1f}]" for m, v in per.items())
             for bench, per in data["iqm"].items()]
+    out += ["", "Meta, secondary: the test MSE after 1 inner step (the step count MAML trained with), against each control:",
+            "", "| benchmark | MoE | control | MoE - control after 1 step [95% CI] | seeds | verdict |", "|---|---|---|---|---|---|"]
+    one = [{**r, "metric": "test_mse_after_1_step", "value": r["mse_after_1_step"]} for r in data["records"]
+           if r["paradigm"] == "meta" and r.get("mse_after_1_step") is not None]
+    for bench in dict.fromkeys(r["benchmark"] for r in one):
+        for method, controls in META_CONTROLS.items():
+            for c in controls:
+                try:
+                    e = routing_effect([r for r in one if r["benchmark"] == bench and r["method"] in (method, c)],
+                                       method=method, controls=[c])
+                except ValueError:  # not run on this benchmark
+                    continue
+                out.append(f"| {bench} | {method}: {e.method_mean:.3f} | {c}: {e.control_mean:.3f} | {e.diff:.3f} "
+                           f"[{e.ci_low:.3f}, {e.ci_high:.3f}] | {len(e.seeds)} | {e.verdict} |")
     out += ["", "Invocations that wrote the JSON:", ""]
     out += [f"- `{run['command']}`: {run['wall_s'] / 60:.1f} min" for run in data.get("runs", [])]
     return "\n".join(out)
