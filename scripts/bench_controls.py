@@ -40,6 +40,11 @@ Paradigms (``--paradigms``, default all):
   without the inference (``ContinualMoE(task_inference="router")``: a learned top-1 router over every grown expert,
   never masked, picks the experience's head), itself also compared with ``moe-growth-one-expert``.
 
+Attempts where no effect was found (run only when named in ``--methods``): ``task-moe-top1*`` / ``task-moe-16e*``
+(multitask, use ``--mt-p 0.1``), ``moe-maml-8e-top1*`` (meta), and for RL ``--rl-steps N``: the benchmark
+``<env>@<N/1000>k`` with the steps to bench_rl's threshold as a second metric. Runs made in parallel into other
+files are joined with ``--merge``.
+
     python scripts/bench_controls.py --out benchmarks/results/controls.json
     python scripts/bench_controls.py --paradigms multitask meta continual --out benchmarks/results/controls.json --resume
     python scripts/bench_controls.py --quick --out /tmp/controls.json      # smoke run of every paradigm (seconds)
