@@ -12,7 +12,8 @@ the runs an earlier --out already holds, matched on paradigm, benchmark, method,
 
 Control kinds: ``dense-same-trunk`` (the same block with one always-on expert of the MoE's active size: top_k x
 the expert hidden width), ``moe-fixed-routing`` (the same experts, same initialisation, under the core's fixed
-hash router), ``moe-task-only`` (routing by the task id alone), ``single-scaled-expert`` (Soft MoE's slots into
+hash router), ``moe-task-only`` (routing by the task id alone), ``moe-learned-routing`` (continual: a learned
+router instead of the experience inference), ``single-scaled-expert`` (Soft MoE's slots into
 one expert of the four's parameters). Active parameters: what one sample's forward uses (top_k experts of a bank);
 total parameters: every parameter.
 
@@ -35,12 +36,19 @@ Paradigms (``--paradigms``, default all):
   expert of hidden 128 per experience, old ones frozen) on class-incremental split digits (10 epochs per
   experience), metric: final average accuracy. Control: ``moe-growth-one-expert`` (``dense-same-trunk``): the same
   module, Gaussian inference and per-experience heads over ONE shared expert of hidden 128, no growth, nothing
-  frozen (``FixedExperts``). Growth with a learned router instead of the inference has no option in
-  ContinualMoE (growth policies need the ExperienceRouter) and is not run.
+  frozen (``FixedExperts``); ``moe-growth-learned-router`` (``moe-learned-routing``): the same growth and freezing
+  without the inference (``ContinualMoE(task_inference="router")``: a learned top-1 router over every grown expert,
+  never masked, picks the experience's head), itself also compared with ``moe-growth-one-expert``.
+
+Attempts where no effect was found (run only when named in ``--methods``): ``task-moe-top1*`` / ``task-moe-16e*``
+(multitask, use ``--mt-p 0.1``), ``moe-maml-8e-top1*`` (meta), and for RL ``--rl-steps N``: the benchmark
+``<env>@<N/1000>k`` with the steps to bench_rl's threshold as a second metric. Runs made in parallel into other
+files are joined with ``--merge``.
 
     python scripts/bench_controls.py --out benchmarks/results/controls.json
     python scripts/bench_controls.py --paradigms multitask meta continual --out benchmarks/results/controls.json --resume
     python scripts/bench_controls.py --quick --out /tmp/controls.json      # smoke run of every paradigm (seconds)
+    python scripts/bench_controls.py --report --out benchmarks/results/controls.json   # BENCHMARKS.md's tables
 """
 from __future__ import annotations
 
@@ -60,14 +68,30 @@ PARADIGMS = ("rl", "multitask", "meta", "continual")
 # each paradigm's MoE methods and their controls (rl: bench_rl.CONTROLS)
 MT_CONTROLS = {"task-moe": ("task-moe-dense-trunk", "task-moe-hash", "task-moe-task-only")}
 META_CONTROLS = {"moe-maml": ("moe-maml-dense-trunk", "moe-maml-hash")}
-CL_CONTROLS = {"moe-growth": ("moe-growth-one-expert",)}
+# continual: the learned-router control is also compared with the one-expert control (growth + freezing without the
+# inference against one shared expert with it)
+CL_CONTROLS = {"moe-growth": ("moe-growth-one-expert", "moe-growth-learned-router"),
+               "moe-growth-learned-router": ("moe-growth-one-expert",)}
+# the literature's attempts where no effect was found, run only when named in --methods: each its own MoE method
+# with its own controls (the same three kinds, sized to it). Multi-task: Task-MoE top-1 of the 8 experts, and 16
+# experts top-2; meta: 8 experts of hidden 32, top-1.
+MT_VARIANTS = {"top1": dict(top_k=1), "16e": dict(num_experts=16)}
+META_VARIANTS = {"8e-top1": dict(E=8, k=1)}
+for _v in MT_VARIANTS:
+    MT_CONTROLS[f"task-moe-{_v}"] = tuple(f"task-moe-{_v}-{c}" for c in ("dense-trunk", "hash", "task-only"))
+for _v in META_VARIANTS:
+    META_CONTROLS[f"moe-maml-{_v}"] = tuple(f"moe-maml-{_v}-{c}" for c in ("dense-trunk", "hash"))
+ATTEMPTS = {m for g in (MT_CONTROLS, META_CONTROLS) for moe, cs in g.items() if moe not in ("task-moe", "moe-maml")
+            for m in (moe, *cs)}
 CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS}
 CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-fixed-routing",
                 "ppo-soft-moe-one-expert": "single-scaled-expert",
                 "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
                 "task-moe-task-only": "moe-task-only",
                 "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing",
-                "moe-growth-one-expert": "dense-same-trunk"}
+                "moe-growth-one-expert": "dense-same-trunk", "moe-growth-learned-router": "moe-learned-routing"}
+_SUFFIX_KIND = {"-dense-trunk": "dense-same-trunk", "-hash": "moe-fixed-routing", "-task-only": "moe-task-only"}
+CONTROL_KIND.update({m: k for m in ATTEMPTS for suffix, k in _SUFFIX_KIND.items() if m.endswith(suffix)})
 RL_METHODS = bench_rl.CONTROL_METHODS  # each MoE method followed by its controls
 
 
@@ -77,6 +101,7 @@ def _methods(groups: dict) -> tuple[str, ...]:
 
 METHODS = {p: (RL_METHODS if p == "rl" else _methods(g)) for p, g in CONTROLS.items()}
 ALL_METHODS = tuple(m for p in PARADIGMS for m in METHODS[p])
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in ATTEMPTS)
 DIGITS = {"rl": 1, "multitask": 4, "meta": 3, "continual": 4}  # table digits per paradigm's metric
 
 # budgets (full / quick); every record keeps its budget, --resume matches on it
@@ -89,10 +114,20 @@ CL_BUDGET = {"full": dict(epochs=10), "quick": dict(epochs=1)}
 SEEDS = {"full": {"rl": 10, "multitask": 10, "meta": 5, "continual": 10}, "quick": dict.fromkeys(PARADIGMS, 2)}
 
 
-def rl_record(rec: dict) -> dict:
-    return {"paradigm": "rl", "benchmark": rec["env"], "method": rec["method"], "control": CONTROL_KIND.get(rec["method"]),
+def rl_record(rec: dict) -> dict | list[dict]:
+    """The final return at the zoo's budget; at another budget (``--rl-steps``, benchmark ``<env>@<k>k``) also the
+    steps until the running mean of 20 episodes first reaches bench_rl's threshold, censored at the budget (the
+    value is the budget when it never does; ``reached`` says which)."""
+    env, steps = rec["env"], rec["steps"]
+    base = {"paradigm": "rl", "benchmark": env, "method": rec["method"], "control": CONTROL_KIND.get(rec["method"]),
             "seed": rec["seed"], "metric": "final_return", "higher_is_better": True, "value": rec["final_return"],
-            "wall_s": rec["wall_s"], "active_params": rec["active_params"], "steps": rec["steps"]}
+            "wall_s": rec["wall_s"], "active_params": rec["active_params"], "steps": steps}
+    if steps == bench_rl.STEPS[env]:
+        return base
+    base.update(benchmark=f"{env}@{steps // 1000}k", env=env)
+    hit = rec["steps_to_threshold"]
+    return [base, {**base, "metric": f"steps_to_{bench_rl.THRESHOLD[env]:g}", "higher_is_better": False,
+                   "value": steps if hit is None else hit, "reached": hit is not None}]
 
 
 def _record(job: dict, metric: str, higher: bool, value: float, wall: float, active: int, total: int, **extra) -> dict:
@@ -124,6 +159,10 @@ def run_multitask(job: dict) -> dict:
     # configs/multitask/task_moe.yaml's sizes
     kw = dict(d_model=32, num_experts=8, expert_hidden=21, top_k=2, depth=1, conditioning="concat", task_dim=8,
               load_balance_coef=0.01, z_loss_coef=0.001)
+    for v, extra in MT_VARIANTS.items():  # an attempt: its settings, then the same method names as the base
+        if method.startswith(f"task-moe-{v}"):
+            kw.update(extra)
+            method = "task-moe" + method[len(f"task-moe-{v}"):]
     if method == "task-moe-dense-trunk":  # one always-on expert of the active size
         kw.update(num_experts=1, expert_hidden=kw["top_k"] * kw["expert_hidden"], top_k=1)
     if method == "task-moe-task-only":
@@ -168,6 +207,10 @@ def run_meta(job: dict) -> dict:
         num_test_tasks=b["tasks"], eval_batch_size=100, seed=seed)
     pl.seed_everything(seed, workers=True, verbose=False)
     D, E, H, k = 32, 4, 32, 2  # bench_meta's moe-maml block
+    for v, extra in META_VARIANTS.items():  # an attempt: more experts / another top_k, then the base method names
+        if method.startswith(f"moe-maml-{v}"):
+            E, k = extra["E"], extra["k"]
+            method = "moe-maml" + method[len(f"moe-maml-{v}"):]
     if method == "moe-maml":
         moe = MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=k),
                   experts=MLPExperts(d_model=D, hidden=H, num_experts=E, backend="autograd"),
@@ -215,9 +258,12 @@ def run_continual(job: dict) -> dict:
         growth = ExpertPerExperience(experts=1)
     elif method == "moe-growth-one-expert":
         growth = FixedExperts()
+    elif method == "moe-growth-learned-router":
+        growth = ExpertPerExperience(experts=1)
     else:
         raise ValueError(f"unknown continual method {method!r}")
-    model = ContinualMoE(moe=moe, growth=growth, lr=1e-3, seed=seed, replay_size=0, plots=False)
+    model = ContinualMoE(moe=moe, growth=growth, lr=1e-3, seed=seed, replay_size=0, plots=False,
+                         task_inference="router" if method == "moe-growth-learned-router" else "gaussian")
     trainer = pl.Trainer(max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=1, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
@@ -240,18 +286,18 @@ RUNNERS = {"rl": lambda job: rl_record(bench_rl.run_one(job)), "multitask": run_
 
 
 def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str], envs: list[str],
-              meta_benchmarks: list[str]) -> list[dict]:
+              meta_benchmarks: list[str], rl_steps: int | None = None, mt_p: tuple[float, ...] = MT_P) -> list[dict]:
     """One paradigm's runs, the methods interleaved per seed (the same machine load for a method and its controls)."""
     mode = "quick" if quick else "full"
     n = seeds or SEEDS[mode][paradigm]
     ms = [m for m in METHODS[paradigm] if m in methods]
     if paradigm == "rl":
-        es, steps = (["CartPole-v1"], 1_000) if quick else (envs, None)
+        es, steps = (["CartPole-v1"], 1_000) if quick else (envs, rl_steps)
         return [dict(paradigm="rl", env=e, seed=s, method=m, steps=steps or bench_rl.STEPS[e])
                 for e in es for s in range(n) for m in ms]
     if paradigm == "multitask":
         return [dict(paradigm=paradigm, benchmark=f"mmoe-synthetic-p{p}", p=p, seed=s, method=m, budget=MT_BUDGET[mode])
-                for p in MT_P for s in range(n) for m in ms]
+                for p in mt_p for s in range(n) for m in ms]
     if paradigm == "meta":
         return [dict(paradigm=paradigm, benchmark=b, seed=s, method=m, budget=META_BUDGET[mode])
                 for b in meta_benchmarks for s in range(n) for m in ms]
@@ -301,12 +347,58 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
                 if len(v) >= 2:
                     scores[m] = [[x] for x in v]
             if scores:
-                iqm[bench] = _iqm(json.dumps(scores, sort_keys=True))
+                iqm[bench if metric == "final_return" else f"{bench} {metric}"] = _iqm(json.dumps(scores, sort_keys=True))
     # one table, each paradigm's rows with its metric's digits
     parts = [effects_table(es, digits=DIGITS.get(p, 3)).splitlines() for p, es in tables.items()]
     rows = parts[0] + [row for part in parts[1:] for row in part[2:]] if parts else []
     return {"effects": [e.as_dict() for e in effects], "effects_per_control": [e.as_dict() for e in per_control],
             "iqm": iqm, "markdown": "\n".join(rows)}
+
+
+def report(data: dict) -> str:
+    """BENCHMARKS.md's tables from a written JSON (``--report``): the effects, the effects against each control
+    alone, each method's mean ± std with its parameters and wall time, RL's interquartile means."""
+    import numpy as np
+
+    digits = {(e["paradigm"], e["benchmark"], e["metric"]): DIGITS.get(e["paradigm"], 3) for e in data["effects"]}
+    out = ["Best control per MoE method:", "", data["markdown"], "", "Against each control alone:", "",
+           "| benchmark | metric | MoE | control | MoE - control [95% CI] | seeds | verdict |", "|---|---|---|---|---|---|---|"]
+    for e in data["effects_per_control"]:
+        f = f"{{:.{digits.get((e['paradigm'], e['benchmark'], e['metric']), 3)}f}}".format
+        out.append(f"| {e['benchmark']} | {e['metric']} | {e['method']} | {e['control']} | {f(e['diff'])} "
+                   f"[{f(e['ci_low'])}, {f(e['ci_high'])}] | {len(e['seeds'])} | {e['verdict']} |")
+    out += ["", "Per method (mean ± std over seeds):", "",
+            "| paradigm | benchmark | metric | method | control kind | mean ± std | seeds | active params | total params "
+            "| train s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    recs = [r for r in data["records"] if r["value"] is not None]
+    for key in dict.fromkeys((r["paradigm"], r["benchmark"], r["metric"], r["method"]) for r in recs):
+        rs = [r for r in recs if (r["paradigm"], r["benchmark"], r["metric"], r["method"]) == key]
+        v = np.array([r["value"] for r in rs], dtype=float)
+        f = f"{{:.{DIGITS.get(key[0], 3)}f}}".format
+        total = rs[0].get("total_params")
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {rs[0]['control'] or '(MoE)'} | {f(v.mean())} ± "
+                   f"{f(v.std(ddof=1) if len(v) > 1 else 0.0)} | {len(v)} | {rs[0]['active_params']:,} | "
+                   f"{'-' if total is None else f'{total:,}'} | {np.mean([r['wall_s'] for r in rs]):.1f} |")
+    out += ["", "RL interquartile means [95% stratified-bootstrap CI]:", ""]
+    out += [f"- {bench}: " + "; ".join(f"{m} {v['iqm']:.1f} [{v['ci_low']:.1f}, {v['ci_high']:.1f}]" for m, v in per.items())
+            for bench, per in data["iqm"].items()]
+    out += ["", "Meta, secondary: the test MSE after 1 inner step (the step count MAML trained with), against each control:",
+            "", "| benchmark | MoE | control | MoE - control after 1 step [95% CI] | seeds | verdict |", "|---|---|---|---|---|---|"]
+    one = [{**r, "metric": "test_mse_after_1_step", "value": r["mse_after_1_step"]} for r in data["records"]
+           if r["paradigm"] == "meta" and r.get("mse_after_1_step") is not None]
+    for bench in dict.fromkeys(r["benchmark"] for r in one):
+        for method, controls in META_CONTROLS.items():
+            for c in controls:
+                try:
+                    e = routing_effect([r for r in one if r["benchmark"] == bench and r["method"] in (method, c)],
+                                       method=method, controls=[c])
+                except ValueError:  # not run on this benchmark
+                    continue
+                out.append(f"| {bench} | {method}: {e.method_mean:.3f} | {c}: {e.control_mean:.3f} | {e.diff:.3f} "
+                           f"[{e.ci_low:.3f}, {e.ci_high:.3f}] | {len(e.seeds)} | {e.verdict} |")
+    out += ["", "Invocations that wrote the JSON:", ""]
+    out += [f"- `{run['command']}`: {run['wall_s'] / 60:.1f} min" for run in data.get("runs", [])]
+    return "\n".join(out)
 
 
 def write(path: Path, records: list[dict], verbose: bool = True, **meta) -> dict:
@@ -326,15 +418,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--paradigms", nargs="+", default=list(PARADIGMS), choices=list(PARADIGMS))
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1"], choices=["CartPole-v1", "Acrobot-v1"],
                     help="rl's environments")
+    ap.add_argument("--rl-steps", type=int, default=None,
+                    help="rl's budget (default the zoo's 100k); another budget is benchmark <env>@<k>k and adds the "
+                         "steps-to-threshold metric")
     ap.add_argument("--meta-benchmarks", nargs="+", default=["sinusoid"], choices=["sinusoid", "multimodal"])
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per paradigm (default: " + ", ".join(f"{p} {n}" for p, n in SEEDS["full"].items()) + ")")
-    ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS),
-                    help="run only these methods (of every paradigm in --paradigms)")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(ALL_METHODS),
+                    help="run only these methods (of every paradigm in --paradigms; default: all but the attempts "
+                         "task-moe-top1*, task-moe-16e*, moe-maml-8e-top1*)")
+    ap.add_argument("--mt-p", nargs="+", type=float, default=list(MT_P), choices=list(MT_P), help="multitask's correlations")
+    ap.add_argument("--report", action="store_true", help="print BENCHMARKS.md's tables from --out and run nothing")
+    ap.add_argument("--merge", nargs="+", type=Path, default=[],
+                    help="add the records of these JSONs (runs made in parallel into other --out files) before running")
     ap.add_argument("--resume", action="store_true", help="keep the records --out already holds and run the rest")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(json.loads(args.out.read_text())))
+        return
     jobs = [j for p in args.paradigms
-            for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks)]
+            for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks, args.rl_steps,
+                               tuple(args.mt_p))]
     records: list[dict] = []
     runs: list[dict] = []
     if args.resume and args.out.is_file():
@@ -342,6 +446,12 @@ def main(argv: list[str] | None = None) -> None:
         records = old["records"]
         # earlier invocations' commands and wall times (the first file kept one at the top level)
         runs = old.get("runs") or ([{"command": old["command"], "wall_s": old["wall_s"]}] if "command" in old else [])
+    for other in args.merge:  # records (and invocations) of runs made in parallel into other files
+        more = json.loads(other.read_text())
+        have = {(job_key(r), r["metric"]) for r in records}
+        records += [r for r in more["records"] if (job_key(r), r["metric"]) not in have]
+        runs += [run for run in more.get("runs", []) if run not in runs]
+    if args.resume or args.merge:
         done = {job_key(r) for r in records}
         jobs = [j for j in jobs if job_key(j) not in done]
     import logging
@@ -364,7 +474,8 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = None
     for job in track(jobs, description="controls"):
-        records.append(RUNNERS[job["paradigm"]](job))
+        new = RUNNERS[job["paradigm"]](job)
+        records.extend(new if isinstance(new, list) else [new])
         summary = write(args.out, records, verbose=False, **meta())
     summary = write(args.out, records, **meta())
     print(summary["markdown"])

@@ -25,6 +25,10 @@ The statistics are computed on the raw inputs, which never drift. With a replay 
 ``ClassBalancedBuffer``), a per-experience bias on ``log p(t | x)`` is fitted on the buffer after each
 experience (bias correction as in BiC).
 
+``task_inference="router"``, the control without the inference (issue 14): growth and freezing as above, routing
+never masked (a learned router over every grown expert, old rows frozen), and ``p(t | x)`` = the router's summed
+probabilities of the experts experience ``t`` added (an expert's experience names its head), no statistics.
+
 Shape legend: B batch, F input features, D model width, C classes, T experiences, E experts.
 """
 from __future__ import annotations
@@ -33,7 +37,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,12 +45,13 @@ from ..benchmarks.continual import materialise
 from ..benchmarks.specs import StreamSpec
 from ..checkpoint import hparams_ignore, store_module_configs
 from ..checks import SETTINGS  # noqa: F401  (re-exported: its old home)
-from ..core import MoE, remap_optimizer
+from ..core import MoE, TopKRouter, remap_optimizer
 from ..nets import MoEBlock
 from ..plots import plot_accuracy_matrix, plot_expert_usage
 from .base import OptimizerCallable, ParadigmModule
 from .continual_growth import (  # re-exported: the YAMLs' class_path
     MASKED,
+    TASK_INFERENCE,
     Decision,
     ExperienceRouter,
     ExpertPerExperience,
@@ -55,29 +59,12 @@ from .continual_growth import (  # re-exported: the YAMLs' class_path
     GaussianTaskInference,
     GrowOnDemand,
     GrowthPolicy,
+    expert_owners,
     grow_experts,
+    rewrap_ddp,
+    router_log_posterior,
 )
 from .continual_metrics import AccuracyMatrix
-
-
-def _rewrap_ddp(trainer: pl.Trainer) -> None:
-    """Re-wrap the module in a fresh DistributedDataParallel after growth or freezing.
-
-    DDP fixes its set of gradient-synchronised parameters (those with ``requires_grad``) when it wraps the
-    module; grown experts would otherwise train on each rank's gradients alone and frozen ones would be
-    waited for. Each experience trains its own head only, so the other heads are unused parameters:
-    ``find_unused_parameters`` is switched on. A no-op without DDP."""
-    from pytorch_lightning.strategies import DDPStrategy
-
-    strategy = trainer.strategy
-    if not isinstance(strategy, DDPStrategy) or trainer.world_size == 1 or not trainer.training:
-        return
-    # a Lightning private: DDPStrategy keeps the DistributedDataParallel kwargs in ``_ddp_kwargs`` and has no
-    # public way to change them after the Trainer built it (its constructor is the only documented door, and the
-    # strategy is the user's). Re-wrapping with ``configure_ddp`` is the strategy's own public method.
-    strategy._ddp_kwargs["find_unused_parameters"] = True
-    strategy.model = strategy.lightning_module
-    strategy.configure_ddp()
 
 
 # ---------------------------------------------------------------------------------------------- the module
@@ -98,6 +85,9 @@ class ContinualMoE(ParadigmModule):
         replay_size: exemplars kept by Avalanche's ``ClassBalancedBuffer`` (0: exemplar-free); they fit the
             per-experience bias of the task inference after each experience.
         shrinkage: covariance shrinkage of the Gaussian task inference.
+        task_inference: ``"gaussian"`` (per-class input statistics infer a test sample's experience; routing masked
+            per experience) or ``"router"`` (the control: a learned router over every grown expert, never masked,
+            picks it; needs ``ExpertPerExperience``). See the module docstring.
         seed: seeds growth initialisation and buffer sampling, so a resumed run grows identically.
         plots: write the PNG plots at the end of ``fit``.
         plot_dir: where the accuracy-matrix and expert-usage PNGs go at the end of ``fit``
@@ -114,6 +104,7 @@ class ContinualMoE(ParadigmModule):
         replay_size: int = 0,
         shrinkage: float = 0.05,
         calibration_steps: int = 100,
+        task_inference: str = "gaussian",
         seed: int = 0,
         plots: bool = True,
         plot_dir: str | None = None,
@@ -125,7 +116,13 @@ class ContinualMoE(ParadigmModule):
         growth = ExpertPerExperience() if growth is None else growth
         if not isinstance(growth, GrowthPolicy):
             raise TypeError(f"growth must be a GrowthPolicy (ExpertPerExperience, GrowOnDemand, FixedExperts), got {type(growth).__name__}")
-        if growth.freezes and not isinstance(moe.router, ExperienceRouter):
+        if task_inference not in TASK_INFERENCE:
+            raise ValueError(f"task_inference={task_inference!r} is not supported; choose one of {list(TASK_INFERENCE)}")
+        if task_inference == "router" and not (isinstance(growth, ExpertPerExperience) and isinstance(moe.router, TopKRouter)):
+            raise ValueError(f"task_inference='router' needs growth=ExpertPerExperience (an expert's experience names a head) "
+                             f"and a learned TopKRouter/ExperienceRouter (its probabilities pick the experience), got "
+                             f"growth={type(growth).__name__}, moe.router={type(moe.router).__name__}")
+        if growth.freezes and task_inference == "gaussian" and not isinstance(moe.router, ExperienceRouter):
             raise ValueError(f"growth={type(growth).__name__} needs moe.router to be an ExperienceRouter (it masks "
                              f"routing per experience), got {type(moe.router).__name__}; or use growth=FixedExperts()")
         if isinstance(growth, ExpertPerExperience | GrowOnDemand) and moe.router.top_k > growth.experts:  # type: ignore[attr-defined]
@@ -140,6 +137,7 @@ class ContinualMoE(ParadigmModule):
         self.save_hyperparameters(ignore=hparams_ignore("moe", "growth", "optimizer"))
         store_module_configs(self, moe=moe, growth=growth)
         self.moe, self.growth = moe, growth
+        self._initial_experts = moe.num_experts  # experience 0's experts (task_inference="router")
         self._usage: dict[int, Tensor] = {}
         self._buffer: Any = None
         self._buffer_upto = -1
@@ -190,15 +188,27 @@ class ContinualMoE(ParadigmModule):
         self.register_buffer("task_bias", torch.zeros(T))  # fitted on the replay buffer (bias correction)
         self.register_buffer("experiences_started", torch.zeros((), dtype=torch.long))
         self.acc_matrix = AccuracyMatrix(num_experiences=T)
-        if not self.growth.freezes and isinstance(self.moe.router, ExperienceRouter):
-            self.moe.router.allowed.fill_(True)  # the fixed baseline shares every expert
+        if self._unmasked and isinstance(self.moe.router, ExperienceRouter):
+            self.moe.router.allowed.fill_(True)  # the fixed baseline and the router control share every expert
+
+    @property
+    def _unmasked(self) -> bool:  # every experience routes over every expert
+        return not self.growth.freezes or self.hparams.task_inference == "router"
+
+    def experience_log_posterior(self, x: Tensor) -> Tensor:
+        """``(B, T)`` log p(t | x) of the configured ``task_inference`` (before the replay bias)."""
+        if self.hparams.task_inference == "gaussian":
+            return self.task_inference.log_posterior(x).to(x.device)
+        z = self.block.norm(self.inp(x.flatten(1)))
+        probs = self.moe.router(z, task_id_T=torch.zeros(z.shape[0], dtype=torch.long, device=z.device)).probs_TE
+        owners = expert_owners(self.moe.num_experts, self._initial_experts, self.growth.experts)
+        return router_log_posterior(probs.float(), owners, self.num_experiences)
 
     # ------------------------------------------------------------------ forward: one path per experience
-    def path_logits(self, x: Tensor, experience: int) -> tuple[Tensor, Tensor, Any]:
+    def path_logits(self, x: Tensor, experience: int, shared: Any = None) -> tuple[Tensor, Tensor, Any]:
         """Logits ``(B, C)`` of experience ``experience``'s path (classes outside it masked), the MoE's
-        auxiliary loss and its routing statistics."""
-        h = self.inp(x.flatten(1))
-        out = self.block(h, task_id=experience)
+        auxiliary loss and its routing statistics. ``shared``: the block's output when no path masks routing."""
+        out = self.block(self.inp(x.flatten(1)), task_id=experience) if shared is None else shared
         logits = self.heads[experience](self.norm(out.y)).masked_fill(~self.class_mask[experience], MASKED)
         return logits, out.aux_loss, out.stats
 
@@ -208,21 +218,27 @@ class ContinualMoE(ParadigmModule):
         return self._predict(x, task_id)[0]
 
     def _predict(self, x: Tensor, task_id: int | None) -> tuple[Tensor, Tensor]:
-        E = self.moe.num_experts
         if task_id is not None:
             logits, _, stats = self.path_logits(x, task_id)
             return logits.log_softmax(-1), stats.tokens_per_expert.float() / max(x.shape[0], 1)
-        log_pt = self.task_inference.log_posterior(x).to(x.device) + self.task_bias
+        return self._mixture(x)[:2]
+
+    def _mixture(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``log sum_t p(t | x) p(y | x, t)`` ``(B, C)``, the expert usage ``(E,)`` and the MoE's auxiliary loss."""
+        log_pt = self.experience_log_posterior(x) + self.task_bias
         log_pt = log_pt.log_softmax(-1)
         out = torch.full((x.shape[0], self.num_classes), -math.inf, device=x.device)
-        usage = torch.zeros(E, device=x.device)
+        usage = torch.zeros(self.moe.num_experts, device=x.device)
+        # the router control's paths share one (unmasked) block output
+        shared = self.block(self.inp(x.flatten(1)), task_id=0) if self.hparams.task_inference == "router" else None
+        aux = x.new_zeros(())
         for t in range(self.num_experiences):
             if torch.isinf(log_pt[:, t]).all():
-                continue  # no statistics yet: this experience cannot be inferred
-            logits, _, stats = self.path_logits(x, t)
+                continue  # no statistics (or experts) yet: this experience cannot be inferred
+            logits, aux, stats = self.path_logits(x, t, shared)
             out = torch.logaddexp(out, log_pt[:, t : t + 1] + logits.log_softmax(-1))
             usage += log_pt[:, t].exp().mean() * stats.tokens_per_expert.float() / max(x.shape[0], 1)
-        return out, usage
+        return out, usage, aux
 
     # ------------------------------------------------------------------ experience boundaries
     def _current_experience(self) -> int:
@@ -251,7 +267,10 @@ class ContinualMoE(ParadigmModule):
             torch.manual_seed(self.hparams.seed * 7919 + i)  # growth draws do not depend on what ran before
             remap = grow_experts(self.moe, decision.grow, freeze_old=self.growth.freezes and i > 0,
                                  init=self.growth.init, source=src)
-        if self.growth.freezes:
+        if self._unmasked:
+            if isinstance(router, ExperienceRouter):
+                router.allowed.fill_(True)  # growth added columns of False
+        else:
             if decision.grow:
                 new = torch.zeros(self.moe.num_experts, dtype=torch.bool, device=router.allowed.device)
                 new[-decision.grow :] = True
@@ -268,8 +287,9 @@ class ContinualMoE(ParadigmModule):
             # one group in model order, as configure_optimizers builds it: a resumed run loads the
             # optimizer state by position, so both runs must list the same parameters in the same order
             opt.param_groups[0]["params"] = list(self.parameters())
-        _rewrap_ddp(self.trainer)
-        self.task_inference.update(i, x, y)
+        rewrap_ddp(self.trainer)
+        if self.hparams.task_inference == "gaussian":
+            self.task_inference.update(i, x, y)
         if self.hparams.replay_size:
             self._update_buffer(i)
         self.experiences_started.fill_(i + 1)
@@ -308,7 +328,7 @@ class ContinualMoE(ParadigmModule):
         data = materialise(self._buffer.buffer)
         x, y = data.tensors[0].to(self.device, self.dtype), data.tensors[1].to(self.device)
         with torch.no_grad():
-            log_pt = self.task_inference.log_posterior(x).to(x.device)
+            log_pt = self.experience_log_posterior(x)
             log_py_t = torch.stack([self.path_logits(x, t)[0].log_softmax(-1) for t in range(upto + 1)], 1)  # (B, t, C)
         bias = torch.zeros(upto + 1, device=x.device, requires_grad=True)
         opt = torch.optim.LBFGS([bias], lr=0.5, max_iter=self.hparams.calibration_steps, line_search_fn="strong_wolfe")
@@ -329,8 +349,12 @@ class ContinualMoE(ParadigmModule):
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, _ = batch
         i = self._current_experience()
-        logits, aux, stats = self.path_logits(x, i)
-        ce = F.cross_entropy(logits, y)
+        if self.hparams.task_inference == "router":  # the router is trained through the mixture it predicts with
+            logp, _, aux = self._mixture(x)
+            ce = F.nll_loss(logp, y)
+        else:
+            logits, aux, _ = self.path_logits(x, i)
+            ce = F.cross_entropy(logits, y)
         self.log("train/loss", ce + aux)
         self.log("train/ce", ce, prog_bar=True)
         self.log("train/aux_loss", aux)

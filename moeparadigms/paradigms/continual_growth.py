@@ -20,6 +20,8 @@ from ..core.experts import Init
 from ..core.params import Remap, merge_remaps
 
 if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
     from .continual import ContinualMoE
 
 MASKED = -1e9  # finite "minus infinity": the core checks router logits are finite
@@ -228,6 +230,25 @@ class FixedExperts(GrowthPolicy):
         return Decision()
 
 
+# ---------------------------------------------------------------------------------------------- router inference
+TASK_INFERENCE = ("gaussian", "router")
+
+
+def expert_owners(num_experts: int, initial: int, per_experience: int) -> Tensor:
+    """``(E,)`` the experience that added each expert under :class:`ExpertPerExperience`: experience 0 holds the
+    MoE's ``initial`` experts, experience ``t > 0`` the ``per_experience`` added at its start."""
+    e = torch.arange(num_experts)
+    return torch.where(e < initial, 0, 1 + torch.div(e - initial, per_experience, rounding_mode="floor"))
+
+
+def router_log_posterior(probs_BE: Tensor, owner_E: Tensor, num_experiences: int) -> Tensor:
+    """``(B, T)`` log p(t | x) read off a learned router: the summed probabilities of the experts experience ``t``
+    added (``-inf`` for experiences that have none yet). ContinualMoE's ``task_inference="router"``."""
+    p_BT = probs_BE.new_zeros(probs_BE.shape[0], num_experiences).index_add(1, owner_E.to(probs_BE.device), probs_BE)
+    # underflowed probabilities stay finite (and their gradient too); experiences without experts are -inf
+    return torch.where(p_BT > 0, p_BT.clamp_min(1e-30).log(), -math.inf)
+
+
 def grow_experts(moe: MoE, n: int, *, freeze_old: bool, init: Init = "fresh", source: list[int] | None = None) -> Remap:
     """The continual growth step, shared by :class:`~moeparadigms.paradigms.continual.ContinualMoE` and the Avalanche
     adapter: freeze every existing expert and its router row (``freeze_old``), then add ``n`` experts (``init`` /
@@ -241,5 +262,26 @@ def grow_experts(moe: MoE, n: int, *, freeze_old: bool, init: Init = "fresh", so
     return merge_remaps(*remaps)
 
 
+def rewrap_ddp(trainer: pl.Trainer) -> None:
+    """Re-wrap the module in a fresh DistributedDataParallel after growth or freezing.
+
+    DDP fixes its set of gradient-synchronised parameters (those with ``requires_grad``) when it wraps the
+    module; grown experts would otherwise train on each rank's gradients alone and frozen ones would be
+    waited for. Each experience trains its own head only, so the other heads are unused parameters:
+    ``find_unused_parameters`` is switched on. A no-op without DDP."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or trainer.world_size == 1 or not trainer.training:
+        return
+    # a Lightning private: DDPStrategy keeps the DistributedDataParallel kwargs in ``_ddp_kwargs`` and has no
+    # public way to change them after the Trainer built it (its constructor is the only documented door, and the
+    # strategy is the user's). Re-wrapping with ``configure_ddp`` is the strategy's own public method.
+    strategy._ddp_kwargs["find_unused_parameters"] = True
+    strategy.model = strategy.lightning_module
+    strategy.configure_ddp()
+
+
 __all__ = ["ExperienceRouter", "GaussianTaskInference", "GrowthPolicy", "ExpertPerExperience", "GrowOnDemand",
-           "FixedExperts", "Decision", "MASKED", "grow_experts"]
+           "FixedExperts", "Decision", "MASKED", "grow_experts", "rewrap_ddp", "TASK_INFERENCE", "expert_owners",
+           "router_log_posterior"]

@@ -26,21 +26,34 @@ def test_bench_controls_quick(tmp_path):
     # the control has the MoE's active parameters in its one expert (the routers' few weights aside)
     active = {rec["method"]: rec["active_params"] for rec in data["records"]}
     assert abs(active["ppo-moe"] - active["ppo-moe-dense-trunk"]) <= 4 * 64 + 4
-    (effect,) = data["effects"]
-    assert effect["method"] == "ppo-moe" and effect["control"] in ("ppo-moe-dense-trunk", "ppo-moe-hash")
-    assert effect["ci_low"] <= effect["diff"] <= effect["ci_high"] and effect["verdict"] in ("helps", "hurts", "no evidence")
-    assert "| rl | CartPole-v1 |" in data["markdown"] and "IQM" in r.stdout
+    # a budget other than the zoo's (1k steps here) is its own benchmark, with the final return and the steps to
+    # bench_rl's threshold (censored at the budget: never reached in 1k steps)
+    assert {(rec["benchmark"], rec["metric"]) for rec in data["records"]} == {("CartPole-v1@1k", "final_return"),
+                                                                              ("CartPole-v1@1k", "steps_to_475")}
+    steps = [rec for rec in data["records"] if rec["metric"] == "steps_to_475"]
+    assert all(rec["value"] == 1_000 and rec["reached"] is False and rec["higher_is_better"] is False for rec in steps)
+    assert {e["metric"] for e in data["effects"]} == {"final_return", "steps_to_475"}
+    for effect in data["effects"]:
+        assert effect["method"] == "ppo-moe" and effect["control"] in ("ppo-moe-dense-trunk", "ppo-moe-hash")
+        assert effect["ci_low"] <= effect["diff"] <= effect["ci_high"] and effect["verdict"] in ("helps", "hurts", "no evidence")
+    assert "| rl | CartPole-v1@1k |" in data["markdown"] and "IQM" in r.stdout
     # --resume runs nothing new when every run is there
     r2 = subprocess.run([sys.executable, str(ROOT / "scripts/bench_controls.py"), "--quick", "--resume", "--out", str(out),
                          "--methods", "ppo-moe", "ppo-moe-dense-trunk", "ppo-moe-hash"],
                         capture_output=True, text=True, timeout=120)
-    assert r2.returncode == 0 and len(json.loads(out.read_text())["records"]) == 6
+    assert r2.returncode == 0 and len(json.loads(out.read_text())["records"]) == 12
 
 
 NEW = {"multitask": {"task-moe": None, "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
                      "task-moe-task-only": "moe-task-only"},
        "meta": {"moe-maml": None, "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing"},
-       "continual": {"moe-growth": None, "moe-growth-one-expert": "dense-same-trunk"}}
+       "continual": {"moe-growth": None, "moe-growth-one-expert": "dense-same-trunk",
+                     "moe-growth-learned-router": "moe-learned-routing"}}
+# each compared method and its controls (the continual learned-router control is also compared with the one expert)
+COMPARED = {"task-moe": {"task-moe-dense-trunk", "task-moe-hash", "task-moe-task-only"},
+            "moe-maml": {"moe-maml-dense-trunk", "moe-maml-hash"},
+            "moe-growth": {"moe-growth-one-expert", "moe-growth-learned-router"},
+            "moe-growth-learned-router": {"moe-growth-one-expert"}}
 BENCHES = {"multitask": {"mmoe-synthetic-p0.5", "mmoe-synthetic-p0.1"}, "meta": {"sinusoid"}, "continual": {"split-digits-ci"}}
 
 
@@ -71,19 +84,27 @@ def test_bench_controls_quick_other_paradigms(tmp_path):
         assert h["total_params"] < m["total_params"] and m["total_params"] - h["total_params"] <= 400
     g, one = by[("split-digits-ci", "moe-growth")], by[("split-digits-ci", "moe-growth-one-expert")]
     assert g["num_experts"] == 5 and one["num_experts"] == 1 and abs(g["active_params"] - one["active_params"]) <= 64 * 4
+    learned = by[("split-digits-ci", "moe-growth-learned-router")]  # the same grown network, another inference
+    assert learned["num_experts"] == 5 and (learned["active_params"], learned["total_params"]) == (g["active_params"], g["total_params"])
     assert all(rec["higher_is_better"] is (rec["paradigm"] == "continual") for rec in data["records"])
     effects = {(e["benchmark"], e["method"]): e for e in data["effects"]}
-    assert set(effects) == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m, c in methods.items() if c is None}
+    assert set(effects) == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m in methods if m in COMPARED}
     for (bench, method), e in effects.items():
-        assert e["control"] in [m for p in NEW.values() for m, c in p.items() if c is not None and m.startswith(method)]
+        assert e["control"] in COMPARED[method]
         assert e["ci_low"] <= e["diff"] <= e["ci_high"] and e["seeds"] == [0, 1]
         assert f"| {e['paradigm']} | {bench} |" in data["markdown"]
     # and against each control alone, where there are several
-    per = {(e["benchmark"], e["control"]) for e in data["effects_per_control"]}
-    assert per == {(b, m) for p, methods in NEW.items() for b in BENCHES[p] for m, c in methods.items()
-                   if c is not None and p != "continual"}
+    per = {(e["benchmark"], e["method"], e["control"]) for e in data["effects_per_control"]}
+    assert per == {(b, m, c) for p, methods in NEW.items() for b in BENCHES[p] for m in methods
+                   if len(COMPARED.get(m, ())) > 1 for c in COMPARED[m]}
     # --resume runs nothing new when every run is there; another budget (full) would be new runs
     r2 = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert len(json.loads(out.read_text())["records"]) == len(got)
     assert len(json.loads(out.read_text())["runs"]) == 2
+    # --report prints BENCHMARKS.md's tables from the JSON, running nothing
+    r3 = subprocess.run([sys.executable, str(ROOT / "scripts/bench_controls.py"), "--report", "--out", str(out)],
+                        capture_output=True, text=True, timeout=120)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert data["markdown"] in r3.stdout and "| split-digits-ci | final_avg_acc | moe-growth | moe-growth-learned-router |" in r3.stdout
+    assert "| continual | split-digits-ci | final_avg_acc | moe-growth-learned-router | moe-learned-routing |" in r3.stdout
