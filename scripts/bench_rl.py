@@ -5,7 +5,9 @@ in ``ZOO``'s comments), one torch thread, and its own seed; the three methods ru
 they see the same machine load. Records (``--out``): ``{"env", "method", "seed", "steps", "final_return",
 "steps_to_threshold", "wall_s", "curve"}``: ``final_return`` is the mean return of the last 20 episodes,
 ``steps_to_threshold`` the env steps at which that running mean first reaches ``THRESHOLD[env]`` (null if
-never), ``wall_s`` the wall time of training. Learning curves are written as PNG under ``--plots``.
+never), ``wall_s`` the wall time of training, ``rollout_s`` / ``update_s`` the part of it spent collecting rollouts
+and in the PPO epochs (both libraries' two phases, timed around their own methods). The printed tables add each
+method's wall time over another's of the same seed (medians of the paired ratios). Learning curves are written as PNG under ``--plots``.
 
     python scripts/bench_rl.py --out benchmarks/results/rl.json --plots benchmarks/results/rl_plots
     python scripts/bench_rl.py --quick --out /tmp/rl.json          # seconds-long smoke run
@@ -73,7 +75,7 @@ def _first_reach(history: list[tuple[int, float]], threshold: float) -> int | No
     return None
 
 
-def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]], float]:
+def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]], float, dict[str, float]]:
     from stable_baselines3 import PPO as SB3PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -89,24 +91,54 @@ def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]]
                     history.append((self.num_timesteps, float(info["episode"]["r"])))
             return True
 
+    phases = {"rollout": 0.0, "update": 0.0}
+
+    class TimedPPO(SB3PPO):  # the same PPO, its two phases timed
+        def collect_rollouts(self, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return super().collect_rollouts(*a, **kw)
+            finally:
+                phases["rollout"] += time.perf_counter() - t
+
+        def train(self) -> None:
+            t = time.perf_counter()
+            super().train()
+            phases["update"] += time.perf_counter() - t
+
     env = make_vec_env(env_id, n_envs=z["n_envs"], seed=seed)
     if z["normalize"]:
         env = VecNormalize(env, gamma=z["gamma"])
     lr = (lambda p: p * z["lr"]) if z["lr_linear"] else z["lr"]
     clip = (lambda p: p * z["clip"]) if z["lr_linear"] else z["clip"]
-    model = SB3PPO("MlpPolicy", env, n_steps=z["n_steps"], batch_size=z["batch_size"], gae_lambda=z["gae_lambda"],
+    model = TimedPPO("MlpPolicy", env, n_steps=z["n_steps"], batch_size=z["batch_size"], gae_lambda=z["gae_lambda"],
                    gamma=z["gamma"], n_epochs=z["n_epochs"], ent_coef=z["ent_coef"], learning_rate=lr, clip_range=clip,
                    seed=seed, device="cpu", verbose=0)
     t0 = time.perf_counter()
     model.learn(steps, callback=Episodes())
-    return history, time.perf_counter() - t0
+    return history, time.perf_counter() - t0, phases
 
 
-def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, int]:
+def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, int, dict[str, float]]:
     import pytorch_lightning as pl
 
     from moeparadigms.core import HashRouter, MLPExperts, MoE, SoftMoERouter, TaskConditionedRouter, TopKRouter
     from moeparadigms.paradigms.rl import PPO, GymEnvs
+
+    phases = {"rollout": 0.0, "update": 0.0}
+
+    class TimedPPO(PPO):  # the same PPO, its two phases timed
+        def collect_rollout(self, envs):
+            t = time.perf_counter()
+            try:
+                return super().collect_rollout(envs)
+            finally:
+                phases["rollout"] += time.perf_counter() - t
+
+        def update(self, r, opt) -> None:
+            t = time.perf_counter()
+            super().update(r, opt)
+            phases["update"] += time.perf_counter() - t
 
     gym_id, zoo_of, num_tasks = SUITES.get(env_id, (env_id, env_id, 1))
     z = ZOO[zoo_of]
@@ -132,7 +164,7 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
         network = "moe"
         moe = MoE(router=TaskConditionedRouter(d_model=64, num_experts=4, num_tasks=num_tasks, top_k=1, conditioning="task_only"),
                   experts=MLPExperts(d_model=64, hidden=32, num_experts=4), load_balance_coef=0.01)
-    model = PPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
+    model = TimedPPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
                 update_epochs=z["n_epochs"], minibatch_size=z["batch_size"], clip_coef=z["clip"], ent_coef=z["ent_coef"],
                 lr=z["lr"], anneal_lr=z["lr_linear"], anneal_clip=z["lr_linear"], norm_obs=z["normalize"],
                 norm_reward=z["normalize"], torch_threads=1, plots=False,
@@ -143,7 +175,7 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     wall = time.perf_counter() - t0
-    return list(model.history), wall, active_params(model.actor)
+    return list(model.history), wall, active_params(model.actor), phases
 
 
 def active_params(net) -> int:
@@ -164,13 +196,14 @@ def run_one(job: dict) -> dict:
     env_id, seed, steps, method = job["env"], job["seed"], job["steps"], job["method"]
     active = None
     if method == "sb3-ppo":
-        history, wall = run_sb3(env_id, seed, steps)
+        history, wall, phases = run_sb3(env_id, seed, steps)
     else:
-        history, wall, active = run_ours(env_id, seed, steps, method)
+        history, wall, active, phases = run_ours(env_id, seed, steps, method)
     last = [h[1] for h in history[-20:]]
     rec = {"env": env_id, "method": method, "seed": seed, "steps": steps,
            "final_return": sum(last) / len(last) if last else None,
            "steps_to_threshold": _first_reach(history, THRESHOLD[env_id]), "wall_s": wall, "active_params": active,
+           "rollout_s": phases["rollout"], "update_s": phases["update"],
            "curve": [[int(h[0]), float(h[1])] for h in history]}
     if env_id in SUITES:
         per, succ = {}, {}
@@ -210,6 +243,33 @@ def table(records: list[dict]) -> str:
             lines.append(f"| {env} | {m} | {rs[0]['steps']:,} | {st.median(finals):.1f} | "
                          f"{'-' if med_reach is None else f'{med_reach:,.0f}'} ({len(reach)}/{len(rs)}) | {to_sb3} | {wall:.1f} | "
                          f"{1e6 * wall / rs[0]['steps']:.0f} |")
+    return "\n".join(lines)
+
+
+def paired_table(records: list[dict]) -> str:
+    """Wall time per env step, each method over another *of the same seed* (the methods ran back to back), medians
+    over seeds, with the rollout/update split: the timing targets are ratios of paired runs."""
+    pairs = (("ppo-moe", "ppo-dense"), ("ppo-moe", "sb3-ppo"), ("ppo-dense", "sb3-ppo"))
+    lines = ["| env | ratio | seeds | wall ratio: median (range) | rollout ratio (median) | update ratio (median) | "
+             "numerator µs/step: rollout + update (medians) |", "|---|---|---|---|---|---|---|"]
+    for env in dict.fromkeys(r["env"] for r in records):
+        by = {(r["method"], r["seed"]): r for r in records if r["env"] == env}
+        for num, den in pairs:
+            seeds = sorted(s for m, s in by if m == num and (den, s) in by)
+            if not seeds:
+                continue
+            a, b = [by[num, s] for s in seeds], [by[den, s] for s in seeds]
+            wall = [x["wall_s"] / y["wall_s"] for x, y in zip(a, b)]
+            phase = {}
+            for k in ("rollout_s", "update_s"):
+                ok = [(x[k], y[k]) for x, y in zip(a, b) if x.get(k) and y.get(k)]
+                phase[k] = f"{st.median(x / y for x, y in ok):.2f}" if ok else "–"
+            us = "–"
+            if all(x.get("rollout_s") for x in a):
+                us = (f"{1e6 * st.median(x['rollout_s'] / x['steps'] for x in a):.0f} + "
+                      f"{1e6 * st.median(x['update_s'] / x['steps'] for x in a):.0f}")
+            lines.append(f"| {env} | {num} ÷ {den} | {len(seeds)} | {st.median(wall):.2f} ({min(wall):.2f}–{max(wall):.2f}) | "
+                         f"{phase['rollout_s']} | {phase['update_s']} | {us} |")
     return "\n".join(lines)
 
 
@@ -295,6 +355,7 @@ def main() -> None:
         records = list(merged.values())
         _write(args.out, records, combined_from=[f.name for f in args.combine])
         print(table(records))
+        print(paired_table(records))
         print(suite_table(records))
         for p in plots(records, args.plots) if args.plots else []:
             print("plot:", p)
@@ -317,6 +378,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     _write(args.out, records, wall_s=time.perf_counter() - t0, jobs=args.jobs, cpu_count=os.cpu_count())
     print(table(records))
+    print(paired_table(records))
     print(suite_table(records))
     if args.plots:
         for p in plots(records, args.plots):

@@ -225,7 +225,7 @@ def test_bench_rl_quick_smoke(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     recs = json.loads(out.read_text())["records"]
-    keys = {"env", "method", "seed", "steps", "final_return", "steps_to_threshold", "wall_s"}
+    keys = {"env", "method", "seed", "steps", "final_return", "steps_to_threshold", "wall_s", "rollout_s", "update_s"}
     assert {(r["env"], r["method"]) for r in recs} == {("CartPole-v1", "sb3-ppo"), ("CartPole-v1", "ppo-dense"), ("CartPole-v1", "ppo-moe"),
                                                       ("cartpole-mt", "ppo-dense-multihead"), ("cartpole-mt", "ppo-moe-task"),
                                                       ("minigrid-mt", "ppo-dense-multihead"), ("minigrid-mt", "ppo-moe-task")}
@@ -234,6 +234,9 @@ def test_bench_rl_quick_smoke(tmp_path):
     for r in (r for r in recs if r["env"] == "minigrid-mt"):
         assert set(r["final_success_per_task"]) <= {"0", "1", "2"} and 0 <= r["final_success_task_mean"] <= 1
     assert all(r["steps"] == 2000 and r["wall_s"] > 0 for r in recs)
+    # both libraries' phases timed, inside the run's wall time; the paired per-seed ratios printed
+    assert all(0 < r["rollout_s"] and 0 < r["update_s"] and r["rollout_s"] + r["update_s"] < r["wall_s"] for r in recs)
+    assert "| CartPole-v1 | ppo-moe ÷ ppo-dense | 1 |" in p.stdout and "| CartPole-v1 | ppo-dense ÷ sb3-ppo | 1 |" in p.stdout
     assert (tmp_path / "CartPole-v1.png").exists()
 
 
