@@ -9,7 +9,7 @@ instead of ~40, and half the expert arithmetic of the dense path at top-2 of 4. 
 layer's other paths up to float rounding (``tests/core/test_fused.py`` checks outputs, losses and every
 gradient, router included, against the per-token reference).
 
-Scope (:func:`supports`): ``TopKRouter`` with renormalised weights and no noise, ``MLPExperts`` without biases
+Scope (:func:`supports`): ``TopKRouter`` without noise (renormalised weights or not), ``MLPExperts`` without biases
 on the ``auto`` backend, dropless dispatch, float32 on CPU, autograd on, leaf parameters (weights produced by a
 graph, as ``torch.func.functional_call`` fast weights in MAML are, take the plain-autograd dense path, which
 can be differentiated again), no importance loss, no cross-rank balancing. The layer uses it where its
@@ -49,7 +49,6 @@ def supports(moe: Any, x_TD: Tensor) -> bool:
     router, experts = moe.router, moe.experts
     return (
         type(router) is TopKRouter
-        and router.renormalize
         and not router.noisy
         and type(experts) is MLPExperts
         and experts.backend == "auto"
@@ -73,7 +72,7 @@ def topk_moe(moe: Any, x_TD: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor,
     router, experts = moe.router, moe.experts
     y, lb, z, counts, entropy = _TopKMoE.apply(
         x_TD, router.gate.full(), experts.w1.full(), experts.w2.full(), router.top_k, router.temperature,
-        experts.activation, moe.check_finite, x_TD.shape[0] >= SORTED_FROM,
+        experts.activation, moe.check_finite, x_TD.shape[0] >= SORTED_FROM, router.renormalize,
     )
     return y, {"load_balance": lb, "z_loss": z}, counts, entropy
 
@@ -154,15 +153,18 @@ def _experts_sorted_backward(dy, x, w1, w2, ids_TK, saved, act):
 
 class _TopKMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, w1, w2, k, temperature, act, check, sorted_experts):  # type: ignore[override]
+    def forward(ctx, x, gate, w1, w2, k, temperature, act, check, sorted_experts, renormalize):  # type: ignore[override]
         T, E = x.shape[0], gate.shape[0]
         clean = torch.mm(x, gate.t())
         if check:
             _check_finite(clean)
         logits = clean if temperature == 1.0 else clean / temperature
-        vals_TK, ids_TK = torch.topk(logits, k, dim=-1)
-        w_TK = torch.softmax(vals_TK, dim=-1)
         probs = torch.softmax(logits, dim=-1)
+        if renormalize:  # the softmax over the k chosen logits, as TopKRouter computes it
+            vals_TK, ids_TK = torch.topk(logits, k, dim=-1)
+            w_TK = torch.softmax(vals_TK, dim=-1)
+        else:  # the chosen probabilities themselves (top-k of the probabilities, as the router takes them)
+            w_TK, ids_TK = torch.topk(probs, k, dim=-1)
         lse_T = torch.logsumexp(logits, dim=-1)
         counts = torch.bincount(ids_TK.reshape(-1), minlength=E)
         if sorted_experts:
@@ -175,7 +177,7 @@ class _TopKMoE(torch.autograd.Function):
         entropy = torch.special.entr(probs).sum()
         ctx.save_for_backward(x, gate, w1, w2, ids_TK, w_TK, probs, lse_T, counts)
         ctx.saved = saved  # non-differentiable intermediates (and python ints): no version checks needed
-        ctx.meta = (temperature, act, scale, sorted_experts)
+        ctx.meta = (temperature, act, scale, sorted_experts, renormalize)
         ctx.mark_non_differentiable(counts, entropy)
         return y, lb, z, counts, entropy
 
@@ -187,23 +189,26 @@ class _TopKMoE(torch.autograd.Function):
                 "(create_graph=True) needs the layer built with dense_dispatch=True"
             )
         x, gate, w1, w2, ids_TK, w_TK, probs, lse_T, counts = ctx.saved_tensors
-        temperature, act, scale, sorted_experts = ctx.meta
+        temperature, act, scale, sorted_experts, renormalize = ctx.meta
         T = x.shape[0]
         bwd = _experts_sorted_backward if sorted_experts else _experts_all_backward
         dx, dw1, dw2, dw_TK = bwd(dy.contiguous(), x, w1, w2, ids_TK, ctx.saved, act)
         ctx.saved = None
-        # router: weights = softmax over the k chosen logits
-        dvals = w_TK * (dw_TK - (w_TK * dw_TK).sum(-1, keepdim=True))
-        dlogits = torch.zeros_like(probs).scatter_(1, ids_TK, dvals)
-        # losses through the full softmax: lb = scale * counts . sum_t probs; z = mean_t lse_t^2 (dlse/dlogits = probs)
+        # the losses through the full softmax: lb = scale * counts . sum_t probs; z = mean_t lse_t^2, dlse/dlogits = probs
         c_E = (dlb * scale) * counts.to(probs.dtype)
-        g_TE = c_E - (probs @ c_E).unsqueeze(1) + (dz * 2.0 / max(T, 1)) * lse_T.unsqueeze(1)
-        dlogits += probs * g_TE
+        z_T1 = (dz * 2.0 / max(T, 1)) * lse_T.unsqueeze(1)
+        if renormalize:  # the weights: softmax over the k chosen logits
+            dvals = w_TK * (dw_TK - (w_TK * dw_TK).sum(-1, keepdim=True))
+            dlogits = torch.zeros_like(probs).scatter_(1, ids_TK, dvals)
+            dlogits += probs * (c_E - (probs @ c_E).unsqueeze(1) + z_T1)
+        else:  # the weights are probabilities too: one softmax backward for both
+            dprobs = torch.zeros_like(probs).scatter_(1, ids_TK, dw_TK) + c_E
+            dlogits = probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True) + z_T1)
         if temperature != 1.0:
             dlogits /= temperature
         dx.addmm_(dlogits, gate)
         dgate = torch.mm(dlogits.t(), x)
-        return dx, dgate, dw1, dw2, None, None, None, None, None
+        return dx, dgate, dw1, dw2, None, None, None, None, None, None
 
 
 __all__ = ["supports", "topk_moe"]

@@ -12,9 +12,9 @@ from moeparadigms.core import losses as L
 from .reference import moe_ref
 
 
-def _moe(E=4, K=2, H=16, D=8, act="gelu", temperature=1.0, **kw):
+def _moe(E=4, K=2, H=16, D=8, act="gelu", temperature=1.0, renormalize=None, **kw):
     torch.manual_seed(0)
-    return MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=K, temperature=temperature),
+    return MoE(router=TopKRouter(d_model=D, num_experts=E, top_k=K, temperature=temperature, renormalize=renormalize),
                experts=MLPExperts(d_model=D, hidden=H, num_experts=E, activation=act), **kw)
 
 
@@ -40,10 +40,12 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["all", "sorted"])
-@pytest.mark.parametrize("E,K,act,temperature", [(4, 2, "gelu", 1.0), (8, 3, "silu", 0.7), (4, 2, "relu", 1.0)])
-def test_matches_reference(monkeypatch, calls, variant, E, K, act, temperature):
+@pytest.mark.parametrize("E,K,act,temperature,renormalize", [(4, 2, "gelu", 1.0, None), (8, 3, "silu", 0.7, None),
+                                                             (4, 2, "relu", 1.0, None), (4, 1, "gelu", 1.0, None),
+                                                             (8, 2, "gelu", 1.3, False)])
+def test_matches_reference(monkeypatch, calls, variant, E, K, act, temperature, renormalize):
     monkeypatch.setattr(fused, "SORTED_FROM", 0 if variant == "sorted" else 10**9)
-    moe = _moe(E=E, K=K, act=act, temperature=temperature)
+    moe = _moe(E=E, K=K, act=act, temperature=temperature, renormalize=renormalize)
     with torch.no_grad():  # expert 0 gets no token: its gradient must be exactly zero, not garbage
         moe.router.gate.block0[0] = -5.0 * moe.router.gate.block0[1:].abs().sum(0)
     T = 24
