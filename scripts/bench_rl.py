@@ -11,6 +11,7 @@ method's wall time over another's of the same seed (medians of the paired ratios
 
     python scripts/bench_rl.py --out benchmarks/results/rl.json --plots benchmarks/results/rl_plots
     python scripts/bench_rl.py --quick --out /tmp/rl.json          # seconds-long smoke run
+    python scripts/bench_rl.py --combine new.json --compare benchmarks/results/rl.json --out both.json  # reproduced?
 
 Multi-task suites (``--envs cartpole-mt``): ``moeparadigms/CartPoleMT-v0`` (four CartPole physics, the task id
 one-hot at the end of the observation, a task drawn per episode) with CartPole's zoo settings; methods
@@ -273,6 +274,33 @@ def paired_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_table(records: list[dict], old: list[dict]) -> str:
+    """Did the learning curves reproduce? Each (env, method) against an earlier file's runs of the same seeds: medians
+    old -> new of the final return and the steps to the threshold, the old runs' per-seed range (the noise), how
+    many seeds moved up, and how many curves are identical episode for episode."""
+    before = {(r["env"], r["method"], r["seed"]): r for r in old}
+    lines = ["| env | method | seeds | final return: old → new (median) | old per-seed range | new higher in | "
+             "steps to threshold: old → new (median; reached) | identical curves |", "|---|---|---|---|---|---|---|---|"]
+    for env in dict.fromkeys(r["env"] for r in records):
+        for m in ALL_METHODS:
+            pairs = sorted(((before[env, m, r["seed"]], r) for r in records
+                            if r["env"] == env and r["method"] == m and (env, m, r["seed"]) in before), key=lambda p: p[1]["seed"])
+            if not pairs:
+                continue
+            fo, fn = [a["final_return"] for a, _ in pairs], [b["final_return"] for _, b in pairs]
+            so = [a["steps_to_threshold"] for a, _ in pairs if a["steps_to_threshold"] is not None]
+            sn = [b["steps_to_threshold"] for _, b in pairs if b["steps_to_threshold"] is not None]
+
+            def med(v: list, n: int = len(pairs)) -> str:
+                return f"{st.median(v):,.0f}" if len(v) == n else "-"
+
+            same = sum(a["curve"] == b["curve"] for a, b in pairs)
+            lines.append(f"| {env} | {m} | {len(pairs)} | {st.median(fo):.1f} → {st.median(fn):.1f} | {min(fo):.1f} – {max(fo):.1f} | "
+                         f"{sum(b > a for a, b in zip(fo, fn))}/{len(pairs)} | {med(so)} ({len(so)}) → {med(sn)} ({len(sn)}) | "
+                         f"{same}/{len(pairs)} |")
+    return "\n".join(lines)
+
+
 def suite_table(records: list[dict]) -> str:
     """The multi-task target: the mean over tasks of each task's final return (and MiniGrid success), per seed."""
     lines = ["| suite | method | task-mean final return: mean over seeds ± s.e. (per seed) | task-mean success (per seed) |",
@@ -346,6 +374,8 @@ def main() -> None:
     ap.add_argument("--combine", nargs="+", type=Path, default=None,
                     help="merge the records of earlier --out files (a later file's record replaces an earlier one with the same "
                          "env, method and seed) into --out, print the table and plot; trains nothing")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="with --combine: also compare the runs with an earlier result file's runs of the same seeds")
     args = ap.parse_args()
     if args.combine:
         merged: dict[tuple, dict] = {}
@@ -357,6 +387,8 @@ def main() -> None:
         print(table(records))
         print(paired_table(records))
         print(suite_table(records))
+        if args.compare:
+            print(compare_table(records, json.loads(args.compare.read_text())["records"]))
         for p in plots(records, args.plots) if args.plots else []:
             print("plot:", p)
         return

@@ -238,6 +238,12 @@ def test_bench_rl_quick_smoke(tmp_path):
     assert all(0 < r["rollout_s"] and 0 < r["update_s"] and r["rollout_s"] + r["update_s"] < r["wall_s"] for r in recs)
     assert "| CartPole-v1 | ppo-moe ÷ ppo-dense | 1 |" in p.stdout and "| CartPole-v1 | ppo-dense ÷ sb3-ppo | 1 |" in p.stdout
     assert (tmp_path / "CartPole-v1.png").exists()
+    # the reproduction check against an earlier file: a file against itself is identical curve for curve
+    c = subprocess.run([sys.executable, str(ROOT / "scripts/bench_rl.py"), "--combine", str(out), "--compare", str(out),
+                        "--out", str(tmp_path / "both.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert c.returncode == 0, c.stderr[-3000:]
+    row = next(line for line in c.stdout.splitlines() if line.startswith("| CartPole-v1 | ppo-moe | 1 |"))
+    assert row.endswith("| 0/1 | " + row.split(" | ")[6] + " | 1/1 |")
 
 
 def test_norm_reward_scales_by_the_running_return_std():
