@@ -12,6 +12,7 @@ method's wall time over another's of the same seed (medians of the paired ratios
     python scripts/bench_rl.py --out benchmarks/results/rl.json --plots benchmarks/results/rl_plots
     python scripts/bench_rl.py --quick --out /tmp/rl.json          # seconds-long smoke run
     python scripts/bench_rl.py --combine new.json --compare benchmarks/results/rl.json --out both.json  # reproduced?
+    python scripts/bench_rl.py --profile ppo-moe --envs CartPole-v1    # where one run's time goes
 
 Multi-task suites (``--envs cartpole-mt``): ``moeparadigms/CartPoleMT-v0`` (four CartPole physics, the task id
 one-hot at the end of the observation, a task drawn per episode) with CartPole's zoo settings; methods
@@ -360,9 +361,23 @@ def _write(path: Path, records: list[dict], **meta) -> None:
     path.write_text("{" + (head + ", " if head else "") + '"records": [\n' + body + "\n]}\n")
 
 
+def profile(env_id: str, method: str, steps: int, rows: int = 25) -> None:
+    """Where one run's time goes: rollout vs update, then torch.profiler's ops by their own CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(1)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        _, wall, _, phases = run_ours(env_id, 0, steps, method)
+    print(f"{env_id} {method} {steps:,} steps under the profiler (it inflates small ops): wall {wall:.1f} s; "
+          f"rollout {1e6 * phases['rollout'] / steps:.0f} us/step, update {1e6 * phases['update'] / steps:.0f} us/step")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="the result file (required unless --profile)")
     ap.add_argument("--plots", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="CartPole and the two suites, 2,000 steps, one seed: a smoke run")
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "cartpole-mt"], choices=list(THRESHOLD))
@@ -376,7 +391,15 @@ def main() -> None:
                          "env, method and seed) into --out, print the table and plot; trains nothing")
     ap.add_argument("--compare", type=Path, default=None,
                     help="with --combine: also compare the runs with an earlier result file's runs of the same seeds")
+    ap.add_argument("--profile", choices=[m for m in ALL_METHODS if m != "sb3-ppo"], default=None,
+                    help="run this method once (first --envs env, --steps, default 5,120) under torch.profiler and print "
+                         "its phase split and the ops that take the most time; writes nothing")
     args = ap.parse_args()
+    if args.profile:
+        profile(args.envs[0], args.profile, args.steps or 5_120)
+        return
+    if args.out is None:
+        ap.error("--out is required (unless --profile)")
     if args.combine:
         merged: dict[tuple, dict] = {}
         for f in args.combine:
