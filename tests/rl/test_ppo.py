@@ -281,3 +281,11 @@ def test_anneal_clip_and_lr_follow_sb3_progress_remaining(monkeypatch):
     seen.clear()
     _fit("dense", 256, clip_coef=0.3, num_steps=32)
     assert seen and all(c == 0.3 for _, c, _ in seen), "without anneal_clip the clip range stays"
+
+
+def test_bench_rl_profile_smoke():
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/bench_rl.py"), "--profile", "ppo-moe", "--envs", "CartPole-v1",
+                        "--steps", "300"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "CartPole-v1 ppo-moe 300 steps under the profiler" in p.stdout and "rollout" in p.stdout
+    assert "moe/fused" in p.stdout or "_TopKMoE" in p.stdout or "aten::mm" in p.stdout  # the op table
