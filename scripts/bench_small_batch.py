@@ -54,6 +54,18 @@ def _step(module, x, phase: str) -> None:
 ROUNDS = 10
 
 
+def count_ops(module, x, phase: str) -> int:
+    """Top-level aten ops of one call of ``_step`` (profiler events whose parent is not an aten op): at these sizes each
+    op's dispatch, not its arithmetic, is the cost."""
+    from torch.profiler import profile
+
+    _step(module, x, phase)  # warm
+    with profile() as prof:
+        _step(module, x, phase)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def _interleaved(fns: dict, n: int, repeats: int, rounds: int | None = None) -> dict[str, float]:
     """Median microseconds per call of each function, the functions timed in turn ``rounds`` times (fine-grained
     turns, so a burst of load from other processes hits every function alike)."""
@@ -178,6 +190,10 @@ def main() -> None:
                 picked = "fused" if phase == "train" and row["fused"] else auto
                 row[f"{phase}_ratio"] = m[picked] / m["mlp"]  # what dense_dispatch="auto" costs over the dense MLP
             row["rollout_ratio"] = row["forward_rollout_us"] / row["forward_mlp_us"]
+            for flag, name in ((True, "dense"), ("auto", "fused" if row["fused"] else auto)):
+                moe.dense_dispatch = flag
+                row[f"train_ops_{name}"] = count_ops(moe, x, "train")
+            row["train_ops_mlp"] = count_ops(mlp, x, "train")
             moe.dense_dispatch = "auto"
             records.append(row)
             print(f"D={d} H={h} E={e} k={k} T={t:5d} unrouted macs={wasted:>11,} auto={auto:6s} "
@@ -185,7 +201,8 @@ def main() -> None:
                   f"{row['forward_rollout_us']:6.0f}/{row['forward_mlp_us']:5.0f} us  "
                   f"fwd+bwd sorted/dense/fused/MLP {row['train_sorted_us']:6.0f}/{row['train_dense_us']:6.0f}/"
                   f"{row.get('train_fused_us', float('nan')):6.0f}/{row['train_mlp_us']:5.0f} us  "
-                  f"x MLP: fwd {row['forward_ratio']:.2f} rollout {row['rollout_ratio']:.2f} fwd+bwd {row['train_ratio']:.2f}")
+                  f"x MLP: fwd {row['forward_ratio']:.2f} rollout {row['rollout_ratio']:.2f} fwd+bwd {row['train_ratio']:.2f}  "
+                  f"fwd+bwd aten ops dense/fused/MLP {row['train_ops_dense']}/{row.get('train_ops_fused', '-')}/{row['train_ops_mlp']}")
         if args.compile and (d, h, e, k) == (64, 64, 4, 2):
             moe.dense_dispatch = True
             moe.stats_in_inference = False

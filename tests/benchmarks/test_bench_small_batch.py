@@ -23,6 +23,7 @@ def test_bench_small_batch_quick_smoke(tmp_path):
         assert r["train_ratio"] == r[f"train_{'fused' if r['fused'] else auto}_us"] / r["train_mlp_us"]
         assert r["forward_ratio"] == r[f"forward_{auto}_us"] / r["forward_mlp_us"]
         assert r["mlp_hidden"] == r["top_k"] * r["hidden"]
+        assert r["train_ops_mlp"] < r["train_ops_fused"] and r["train_ops_dense"] > 0
         assert r["auto_dense"] == (r["unrouted_macs"] <= data["dense_macs"])
     md = subprocess.run([sys.executable, str(SCRIPT), "--markdown", str(out)], check=True, capture_output=True, text=True)
     assert md.stdout.count("\n| 64 / 64 / 4 / 2 |") == 2 and "fwd+bwd ÷ MLP" in md.stdout
