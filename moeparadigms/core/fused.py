@@ -12,7 +12,9 @@ gradient, router included, against the per-token reference).
 Scope (:func:`supports`): ``TopKRouter`` without noise (renormalised weights or not), ``MLPExperts`` without biases
 on the ``auto`` backend, dropless dispatch, float32 on CPU, autograd on, leaf parameters (weights produced by a
 graph, as ``torch.func.functional_call`` fast weights in MAML are, take the plain-autograd dense path, which
-can be differentiated again), no importance loss, no cross-rank balancing. The layer uses it where its
+can be differentiated again), no importance loss, no cross-rank balancing, no forward hooks on the router (the
+step computes the routing itself: a hook that rewrites it, as ``lifecycle.expert_dropout`` does, takes the plain
+path). The layer uses it where its
 ``dense_dispatch="auto"`` rule would pick the dense path. Its gradients are not differentiable: a
 ``create_graph=True`` backward through it raises (build the layer with ``dense_dispatch=True`` for that).
 
@@ -51,6 +53,8 @@ def supports(moe: Any, x_TD: Tensor) -> bool:
     return (
         type(router) is TopKRouter
         and not router.noisy
+        # the step never calls the router module: a hook on it (lifecycle.expert_dropout) needs the plain path
+        and not (router._forward_hooks or router._forward_pre_hooks)
         and type(experts) is MLPExperts
         and experts.backend == "auto"
         and not experts.bias

@@ -95,9 +95,15 @@ def test_taken_only_where_supported(calls):
     switch(x)
     biased = MoE(router=TopKRouter(d_model=8, num_experts=4), experts=MLPExperts(d_model=8, hidden=16, num_experts=4, bias=True))
     biased(x)
+    hooked = _moe()
+    handle = hooked.router.register_forward_hook(lambda mod, inp, out: out)  # e.g. lifecycle.expert_dropout
+    hooked(x)
+    handle.remove()
+    hooked(x)
+    assert calls[0] == 2  # only once the hook is gone
     big = _moe(D=64, H=64)
     big(torch.randn(600, 64))  # 600 * 2 unrouted pairs * 8,192 multiply-adds, past DENSE_MACS: the sorted path
-    assert calls[0] == 1
+    assert calls[0] == 2
 
 
 def test_second_derivative_refused_and_fast_weights_take_plain_autograd(calls):
