@@ -5,10 +5,14 @@ in ``ZOO``'s comments), one torch thread, and its own seed; the three methods ru
 they see the same machine load. Records (``--out``): ``{"env", "method", "seed", "steps", "final_return",
 "steps_to_threshold", "wall_s", "curve"}``: ``final_return`` is the mean return of the last 20 episodes,
 ``steps_to_threshold`` the env steps at which that running mean first reaches ``THRESHOLD[env]`` (null if
-never), ``wall_s`` the wall time of training. Learning curves are written as PNG under ``--plots``.
+never), ``wall_s`` the wall time of training, ``rollout_s`` / ``update_s`` the part of it spent collecting rollouts
+and in the PPO epochs (both libraries' two phases, timed around their own methods). The printed tables add each
+method's wall time over another's of the same seed (medians of the paired ratios). Learning curves are written as PNG under ``--plots``.
 
     python scripts/bench_rl.py --out benchmarks/results/rl.json --plots benchmarks/results/rl_plots
     python scripts/bench_rl.py --quick --out /tmp/rl.json          # seconds-long smoke run
+    python scripts/bench_rl.py --combine new.json --compare benchmarks/results/rl.json --out both.json  # reproduced?
+    python scripts/bench_rl.py --profile ppo-moe --envs CartPole-v1    # where one run's time goes
 
 Multi-task suites (``--envs cartpole-mt``): ``moeparadigms/CartPoleMT-v0`` (four CartPole physics, the task id
 one-hot at the end of the observation, a task drawn per episode) with CartPole's zoo settings; methods
@@ -73,7 +77,7 @@ def _first_reach(history: list[tuple[int, float]], threshold: float) -> int | No
     return None
 
 
-def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]], float]:
+def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]], float, dict[str, float]]:
     from stable_baselines3 import PPO as SB3PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -89,24 +93,54 @@ def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]]
                     history.append((self.num_timesteps, float(info["episode"]["r"])))
             return True
 
+    phases = {"rollout": 0.0, "update": 0.0}
+
+    class TimedPPO(SB3PPO):  # the same PPO, its two phases timed
+        def collect_rollouts(self, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return super().collect_rollouts(*a, **kw)
+            finally:
+                phases["rollout"] += time.perf_counter() - t
+
+        def train(self) -> None:
+            t = time.perf_counter()
+            super().train()
+            phases["update"] += time.perf_counter() - t
+
     env = make_vec_env(env_id, n_envs=z["n_envs"], seed=seed)
     if z["normalize"]:
         env = VecNormalize(env, gamma=z["gamma"])
     lr = (lambda p: p * z["lr"]) if z["lr_linear"] else z["lr"]
     clip = (lambda p: p * z["clip"]) if z["lr_linear"] else z["clip"]
-    model = SB3PPO("MlpPolicy", env, n_steps=z["n_steps"], batch_size=z["batch_size"], gae_lambda=z["gae_lambda"],
+    model = TimedPPO("MlpPolicy", env, n_steps=z["n_steps"], batch_size=z["batch_size"], gae_lambda=z["gae_lambda"],
                    gamma=z["gamma"], n_epochs=z["n_epochs"], ent_coef=z["ent_coef"], learning_rate=lr, clip_range=clip,
                    seed=seed, device="cpu", verbose=0)
     t0 = time.perf_counter()
     model.learn(steps, callback=Episodes())
-    return history, time.perf_counter() - t0
+    return history, time.perf_counter() - t0, phases
 
 
-def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, int]:
+def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, int, dict[str, float]]:
     import pytorch_lightning as pl
 
     from moeparadigms.core import HashRouter, MLPExperts, MoE, SoftMoERouter, TaskConditionedRouter, TopKRouter
     from moeparadigms.paradigms.rl import PPO, GymEnvs
+
+    phases = {"rollout": 0.0, "update": 0.0}
+
+    class TimedPPO(PPO):  # the same PPO, its two phases timed
+        def collect_rollout(self, envs):
+            t = time.perf_counter()
+            try:
+                return super().collect_rollout(envs)
+            finally:
+                phases["rollout"] += time.perf_counter() - t
+
+        def update(self, r, opt) -> None:
+            t = time.perf_counter()
+            super().update(r, opt)
+            phases["update"] += time.perf_counter() - t
 
     gym_id, zoo_of, num_tasks = SUITES.get(env_id, (env_id, env_id, 1))
     z = ZOO[zoo_of]
@@ -132,7 +166,7 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
         network = "moe"
         moe = MoE(router=TaskConditionedRouter(d_model=64, num_experts=4, num_tasks=num_tasks, top_k=1, conditioning="task_only"),
                   experts=MLPExperts(d_model=64, hidden=32, num_experts=4), load_balance_coef=0.01)
-    model = PPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
+    model = TimedPPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
                 update_epochs=z["n_epochs"], minibatch_size=z["batch_size"], clip_coef=z["clip"], ent_coef=z["ent_coef"],
                 lr=z["lr"], anneal_lr=z["lr_linear"], anneal_clip=z["lr_linear"], norm_obs=z["normalize"],
                 norm_reward=z["normalize"], torch_threads=1, plots=False,
@@ -143,7 +177,7 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     wall = time.perf_counter() - t0
-    return list(model.history), wall, active_params(model.actor)
+    return list(model.history), wall, active_params(model.actor), phases
 
 
 def active_params(net) -> int:
@@ -164,13 +198,14 @@ def run_one(job: dict) -> dict:
     env_id, seed, steps, method = job["env"], job["seed"], job["steps"], job["method"]
     active = None
     if method == "sb3-ppo":
-        history, wall = run_sb3(env_id, seed, steps)
+        history, wall, phases = run_sb3(env_id, seed, steps)
     else:
-        history, wall, active = run_ours(env_id, seed, steps, method)
+        history, wall, active, phases = run_ours(env_id, seed, steps, method)
     last = [h[1] for h in history[-20:]]
     rec = {"env": env_id, "method": method, "seed": seed, "steps": steps,
            "final_return": sum(last) / len(last) if last else None,
            "steps_to_threshold": _first_reach(history, THRESHOLD[env_id]), "wall_s": wall, "active_params": active,
+           "rollout_s": phases["rollout"], "update_s": phases["update"],
            "curve": [[int(h[0]), float(h[1])] for h in history]}
     if env_id in SUITES:
         per, succ = {}, {}
@@ -210,6 +245,60 @@ def table(records: list[dict]) -> str:
             lines.append(f"| {env} | {m} | {rs[0]['steps']:,} | {st.median(finals):.1f} | "
                          f"{'-' if med_reach is None else f'{med_reach:,.0f}'} ({len(reach)}/{len(rs)}) | {to_sb3} | {wall:.1f} | "
                          f"{1e6 * wall / rs[0]['steps']:.0f} |")
+    return "\n".join(lines)
+
+
+def paired_table(records: list[dict]) -> str:
+    """Wall time per env step, each method over another *of the same seed* (the methods ran back to back), medians
+    over seeds, with the rollout/update split: the timing targets are ratios of paired runs."""
+    pairs = (("ppo-moe", "ppo-dense"), ("ppo-moe", "sb3-ppo"), ("ppo-dense", "sb3-ppo"))
+    lines = ["| env | ratio | seeds | wall ratio: median (range) | rollout ratio (median) | update ratio (median) | "
+             "numerator µs/step: rollout + update (medians) |", "|---|---|---|---|---|---|---|"]
+    for env in dict.fromkeys(r["env"] for r in records):
+        by = {(r["method"], r["seed"]): r for r in records if r["env"] == env}
+        for num, den in pairs:
+            seeds = sorted(s for m, s in by if m == num and (den, s) in by)
+            if not seeds:
+                continue
+            a, b = [by[num, s] for s in seeds], [by[den, s] for s in seeds]
+            wall = [x["wall_s"] / y["wall_s"] for x, y in zip(a, b)]
+            phase = {}
+            for k in ("rollout_s", "update_s"):
+                ok = [(x[k], y[k]) for x, y in zip(a, b) if x.get(k) and y.get(k)]
+                phase[k] = f"{st.median(x / y for x, y in ok):.2f}" if ok else "–"
+            us = "–"
+            if all(x.get("rollout_s") for x in a):
+                us = (f"{1e6 * st.median(x['rollout_s'] / x['steps'] for x in a):.0f} + "
+                      f"{1e6 * st.median(x['update_s'] / x['steps'] for x in a):.0f}")
+            lines.append(f"| {env} | {num} ÷ {den} | {len(seeds)} | {st.median(wall):.2f} ({min(wall):.2f}–{max(wall):.2f}) | "
+                         f"{phase['rollout_s']} | {phase['update_s']} | {us} |")
+    return "\n".join(lines)
+
+
+def compare_table(records: list[dict], old: list[dict]) -> str:
+    """Did the learning curves reproduce? Each (env, method) against an earlier file's runs of the same seeds: medians
+    old -> new of the final return and the steps to the threshold, the old runs' per-seed range (the noise), how
+    many seeds moved up, and how many curves are identical episode for episode."""
+    before = {(r["env"], r["method"], r["seed"]): r for r in old}
+    lines = ["| env | method | seeds | final return: old → new (median) | old per-seed range | new higher in | "
+             "steps to threshold: old → new (median; reached) | identical curves |", "|---|---|---|---|---|---|---|---|"]
+    for env in dict.fromkeys(r["env"] for r in records):
+        for m in ALL_METHODS:
+            pairs = sorted(((before[env, m, r["seed"]], r) for r in records
+                            if r["env"] == env and r["method"] == m and (env, m, r["seed"]) in before), key=lambda p: p[1]["seed"])
+            if not pairs:
+                continue
+            fo, fn = [a["final_return"] for a, _ in pairs], [b["final_return"] for _, b in pairs]
+            so = [a["steps_to_threshold"] for a, _ in pairs if a["steps_to_threshold"] is not None]
+            sn = [b["steps_to_threshold"] for _, b in pairs if b["steps_to_threshold"] is not None]
+
+            def med(v: list, n: int = len(pairs)) -> str:
+                return f"{st.median(v):,.0f}" if len(v) == n else "-"
+
+            same = sum(a["curve"] == b["curve"] for a, b in pairs)
+            lines.append(f"| {env} | {m} | {len(pairs)} | {st.median(fo):.1f} → {st.median(fn):.1f} | {min(fo):.1f} – {max(fo):.1f} | "
+                         f"{sum(b > a for a, b in zip(fo, fn))}/{len(pairs)} | {med(so)} ({len(so)}) → {med(sn)} ({len(sn)}) | "
+                         f"{same}/{len(pairs)} |")
     return "\n".join(lines)
 
 
@@ -272,9 +361,23 @@ def _write(path: Path, records: list[dict], **meta) -> None:
     path.write_text("{" + (head + ", " if head else "") + '"records": [\n' + body + "\n]}\n")
 
 
+def profile(env_id: str, method: str, steps: int, rows: int = 25) -> None:
+    """Where one run's time goes: rollout vs update, then torch.profiler's ops by their own CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(1)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        _, wall, _, phases = run_ours(env_id, 0, steps, method)
+    print(f"{env_id} {method} {steps:,} steps under the profiler (it inflates small ops): wall {wall:.1f} s; "
+          f"rollout {1e6 * phases['rollout'] / steps:.0f} us/step, update {1e6 * phases['update'] / steps:.0f} us/step")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="the result file (required unless --profile)")
     ap.add_argument("--plots", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="CartPole and the two suites, 2,000 steps, one seed: a smoke run")
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "cartpole-mt"], choices=list(THRESHOLD))
@@ -286,7 +389,17 @@ def main() -> None:
     ap.add_argument("--combine", nargs="+", type=Path, default=None,
                     help="merge the records of earlier --out files (a later file's record replaces an earlier one with the same "
                          "env, method and seed) into --out, print the table and plot; trains nothing")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="with --combine: also compare the runs with an earlier result file's runs of the same seeds")
+    ap.add_argument("--profile", choices=[m for m in ALL_METHODS if m != "sb3-ppo"], default=None,
+                    help="run this method once (first --envs env, --steps, default 5,120) under torch.profiler and print "
+                         "its phase split and the ops that take the most time; writes nothing")
     args = ap.parse_args()
+    if args.profile:
+        profile(args.envs[0], args.profile, args.steps or 5_120)
+        return
+    if args.out is None:
+        ap.error("--out is required (unless --profile)")
     if args.combine:
         merged: dict[tuple, dict] = {}
         for f in args.combine:
@@ -295,7 +408,10 @@ def main() -> None:
         records = list(merged.values())
         _write(args.out, records, combined_from=[f.name for f in args.combine])
         print(table(records))
+        print(paired_table(records))
         print(suite_table(records))
+        if args.compare:
+            print(compare_table(records, json.loads(args.compare.read_text())["records"]))
         for p in plots(records, args.plots) if args.plots else []:
             print("plot:", p)
         return
@@ -317,6 +433,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     _write(args.out, records, wall_s=time.perf_counter() - t0, jobs=args.jobs, cpu_count=os.cpu_count())
     print(table(records))
+    print(paired_table(records))
     print(suite_table(records))
     if args.plots:
         for p in plots(records, args.plots):

@@ -7,11 +7,14 @@ loss), the RL-rollout forward (no_grad, ``stats_in_inference=False``, the path `
 MLP of equal *active* parameters (``Linear(D, k*H) -> GELU -> Linear(k*H, D)``, no biases, like the experts;
 the router's ``D*E`` weights not counted) plus a ``Linear(D, D)`` for scale; all interleaved in turns of
 100 calls (10 turns each), medians, one thread. Ratios are the path ``"auto"`` picks over the dense MLP. It
-picks the ``DENSE_MACS`` crossover. ``--compile`` adds ``torch.compile`` of the whole layer at a few sizes (compile time of the first
+picks the ``DENSE_MACS`` crossover; where that is the dense path and the layer is one ``core/fused.py`` supports,
+``"auto"`` trains through the fused step instead, timed as "fused" (forward+backward only: it has no
+inference role). ``--compile`` adds ``torch.compile`` of the whole layer at a few sizes (compile time of the first
 call, then steady-state medians against the same MLP).
 
     python scripts/bench_small_batch.py --compile --out benchmarks/results/small_batch.json
     python scripts/bench_small_batch.py --quick --out /tmp/sb.json
+    python scripts/bench_small_batch.py --shapes 64/64/4/2 64/32/4/1 --tokens 8 64 256 --out sb.json   # a subset
     python scripts/bench_small_batch.py --markdown benchmarks/results/small_batch.json   # the BENCHMARKS tables
 """
 from __future__ import annotations
@@ -49,6 +52,18 @@ def _step(module, x, phase: str) -> None:
 
 
 ROUNDS = 10
+
+
+def count_ops(module, x, phase: str) -> int:
+    """Top-level aten ops of one call of ``_step`` (profiler events whose parent is not an aten op): at these sizes each
+    op's dispatch, not its arithmetic, is the cost."""
+    from torch.profiler import profile
+
+    _step(module, x, phase)  # warm
+    with profile() as prof:
+        _step(module, x, phase)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def _interleaved(fns: dict, n: int, repeats: int, rounds: int | None = None) -> dict[str, float]:
@@ -95,16 +110,18 @@ def _compiled(moe, mlp, d: int, tokens: list[int], n: int, repeats: int) -> list
 def markdown(data: dict) -> str:
     """The BENCHMARKS.md tables of a result file."""
     lines = [
-        "| D / H / E / top-k | tokens | auto picks | forward sorted / dense / rollout / MLP (µs) | fwd+bwd sorted / dense / MLP (µs) "
+        "| D / H / E / top-k | tokens | auto picks (training) | forward sorted / dense / rollout / MLP (µs) | fwd+bwd sorted / dense / fused / MLP (µs) "
         "| forward ÷ MLP | rollout ÷ MLP | fwd+bwd ÷ MLP |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["records"]:
+        fused = f"{r['train_fused_us']:.0f}" if "train_fused_us" in r else "–"
+        picks = ("fused" if r.get("fused") else "dense") if r["auto_dense"] else "sorted"
         lines.append(
             f"| {r['d_model']} / {r['hidden']} / {r['experts']} / {r['top_k']} | {r['tokens']} | "
-            f"{'dense' if r['auto_dense'] else 'sorted'} | {r['forward_sorted_us']:.0f} / {r['forward_dense_us']:.0f} / "
+            f"{picks} | {r['forward_sorted_us']:.0f} / {r['forward_dense_us']:.0f} / "
             f"{r['forward_rollout_us']:.0f} / {r['forward_mlp_us']:.0f} | {r['train_sorted_us']:.0f} / {r['train_dense_us']:.0f} / "
-            f"{r['train_mlp_us']:.0f} | **{r['forward_ratio']:.2f}×** | **{r['rollout_ratio']:.2f}×** | **{r['train_ratio']:.2f}×** |"
+            f"{fused} / {r['train_mlp_us']:.0f} | **{r['forward_ratio']:.2f}×** | **{r['rollout_ratio']:.2f}×** | **{r['train_ratio']:.2f}×** |"
         )
     if data.get("compiled"):
         lines += ["", "| tokens | first call: forward / fwd+bwd (s) | forward µs (÷ MLP) | fwd+bwd µs (÷ MLP) |", "|---|---|---|---|"]
@@ -117,7 +134,7 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    from moeparadigms.core import MLPExperts, MoE, TopKRouter
+    from moeparadigms.core import MLPExperts, MoE, TopKRouter, fused
     from moeparadigms.core.layer import DENSE_MACS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +142,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the layer (64/64/4/2)")
     ap.add_argument("--markdown", type=Path, help="print the tables of a result file and exit")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 8 ... 1,024)")
+    ap.add_argument("--shapes", nargs="+", default=None, help="D/H/E/k of each layer, e.g. 64/64/4/2 (default: three)")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
@@ -136,7 +155,9 @@ def main() -> None:
     global ROUNDS
     n, repeats, ROUNDS = (5, 2, 2) if args.quick else (100, 1, 10)
     shapes = [(64, 64, 4, 2)] if args.quick else [(64, 64, 4, 2), (64, 32, 4, 1), (256, 512, 8, 2)]
-    tokens = [8, 64] if args.quick else [8, 32, 64, 128, 256, 512, 1024]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("/")) for sh in args.shapes]
+    tokens = args.tokens or ([8, 64] if args.quick else [8, 32, 64, 128, 256, 512, 1024])
     records, compiled = [], []
     for d, h, e, k in shapes:
         moe = MoE(router=TopKRouter(d_model=d, num_experts=e, top_k=k), experts=MLPExperts(d_model=d, hidden=h, num_experts=e))
@@ -148,6 +169,7 @@ def main() -> None:
             row = {"d_model": d, "hidden": h, "experts": e, "top_k": k, "tokens": t, "unrouted_macs": wasted,
                    "auto_dense": wasted <= DENSE_MACS, "mlp_hidden": k * h}
             auto = "dense" if row["auto_dense"] else "sorted"
+            row["fused"] = row["auto_dense"] and fused.supports(moe, x)
             for phase in ("forward", "train"):
 
                 def moe_step(flag, p=phase, x=x):
@@ -155,6 +177,8 @@ def main() -> None:
                     _step(moe, x, p)  # noqa: B023 (timed at once, in this iteration)
 
                 fns = {"sorted": lambda: moe_step(False), "dense": lambda: moe_step(True)}
+                if phase == "train" and row["fused"]:  # "auto" trains through core/fused.py where it picks the dense path
+                    fns["fused"] = lambda: moe_step("auto")
                 if phase == "forward":
                     rollout.dense_dispatch = row["auto_dense"]
                     fns["rollout"] = lambda x=x: _step(rollout, x, "forward")  # noqa: B023 (timed at once, in this iteration)
@@ -163,15 +187,22 @@ def main() -> None:
                 m = _interleaved(fns, n, repeats)
                 for name, us in m.items():
                     row[f"{phase}_{name}_us"] = us
-                row[f"{phase}_ratio"] = m[auto] / m["mlp"]  # what dense_dispatch="auto" costs over the dense MLP
+                picked = "fused" if phase == "train" and row["fused"] else auto
+                row[f"{phase}_ratio"] = m[picked] / m["mlp"]  # what dense_dispatch="auto" costs over the dense MLP
             row["rollout_ratio"] = row["forward_rollout_us"] / row["forward_mlp_us"]
+            for flag, name in ((True, "dense"), ("auto", "fused" if row["fused"] else auto)):
+                moe.dense_dispatch = flag
+                row[f"train_ops_{name}"] = count_ops(moe, x, "train")
+            row["train_ops_mlp"] = count_ops(mlp, x, "train")
             moe.dense_dispatch = "auto"
             records.append(row)
             print(f"D={d} H={h} E={e} k={k} T={t:5d} unrouted macs={wasted:>11,} auto={auto:6s} "
                   f"fwd sorted/dense/rollout/MLP {row['forward_sorted_us']:6.0f}/{row['forward_dense_us']:6.0f}/"
                   f"{row['forward_rollout_us']:6.0f}/{row['forward_mlp_us']:5.0f} us  "
-                  f"fwd+bwd sorted/dense/MLP {row['train_sorted_us']:6.0f}/{row['train_dense_us']:6.0f}/{row['train_mlp_us']:5.0f} us  "
-                  f"x MLP: fwd {row['forward_ratio']:.2f} rollout {row['rollout_ratio']:.2f} fwd+bwd {row['train_ratio']:.2f}")
+                  f"fwd+bwd sorted/dense/fused/MLP {row['train_sorted_us']:6.0f}/{row['train_dense_us']:6.0f}/"
+                  f"{row.get('train_fused_us', float('nan')):6.0f}/{row['train_mlp_us']:5.0f} us  "
+                  f"x MLP: fwd {row['forward_ratio']:.2f} rollout {row['rollout_ratio']:.2f} fwd+bwd {row['train_ratio']:.2f}  "
+                  f"fwd+bwd aten ops dense/fused/MLP {row['train_ops_dense']}/{row.get('train_ops_fused', '-')}/{row['train_ops_mlp']}")
         if args.compile and (d, h, e, k) == (64, 64, 4, 2):
             moe.dense_dispatch = True
             moe.stats_in_inference = False

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch as dsp
+from . import fused
 from . import losses as L
 from ._dist import data_parallel_world, sum_over_ranks
 from .dispatchers import DENSE, PERMUTATION, SORTED, Dispatcher, region
@@ -179,6 +180,11 @@ class MoE(nn.Module):
             groups = x.reshape(lead[:-1].numel(), x.shape[-2], d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
             soft = router(groups, task_id_T=task_id_T)
             y_TD, losses, stats = self._soft(groups, soft, want_aux, want_stats)
+        elif grad and fused.supports(self, x_TD) and self._use_dense(x_TD.shape[0], x_TD.shape[0] * router.top_k):
+            with _region("moe/fused"):  # a small training batch: the whole step as one node (core/fused.py)
+                y_TD, losses, counts, entropy = fused.topk_moe(self, x_TD)
+            T = torch.scalar_tensor(x_TD.shape[0], dtype=torch.long)
+            stats = RoutingStats(counts, counts.new_zeros(()), T * router.top_k, entropy, T)
         else:
             with region("moe/router"):
                 routing = router(x_TD, task_id_T=task_id_T)

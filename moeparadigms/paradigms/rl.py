@@ -186,6 +186,9 @@ class PPO(ParadigmModule):
         heads = num_tasks if h.task_heads else 1
         self.actor = PolicyNet(obs_dim, act_out, h.hidden, moe_a, head_gain=0.01, num_heads=heads)
         self.critic = PolicyNet(obs_dim, 1, h.hidden, moe_c, head_gain=1.0, num_heads=heads)
+        for net in (self.actor, self.critic):
+            if net.block is not None:  # rollouts and evaluation never read the routing statistics (a few ops a step)
+                net.block.moe.stats_in_inference = False
         self.log_std = None if discrete else nn.Parameter(torch.zeros(act_out))
         self.obs_rms = RunningMeanStd((obs_dim,))
         self.ret_rms = RunningMeanStd(())
@@ -329,13 +332,13 @@ class PPO(ParadigmModule):
         b_task = r["tasks"].flatten()[keep] if self.num_tasks > 1 or self.actor.task_routed else None
         n = b_obs.shape[0]
         stats = {"loss": 0.0, "pg": 0.0, "v": 0.0, "ent": 0.0, "aux": 0.0, "clipfrac": 0.0}
-        count = 0
+        count, routing = 0, None
         for _ in range(h.update_epochs):
             perm = torch.randperm(n)
             for s in range(0, n, h.minibatch_size):
                 mb = perm[s : s + h.minibatch_size]
                 t_mb = None if b_task is None else b_task[mb]
-                dist, aux_a, _ = self._dist(b_obs[mb], t_mb)
+                dist, aux_a, routing = self._dist(b_obs[mb], t_mb)
                 logp = dist.log_prob(b_act[mb])
                 logp = logp if logp.dim() == 1 else logp.sum(-1)
                 ent = dist.entropy()
@@ -381,10 +384,8 @@ class PPO(ParadigmModule):
         self._log_against_env_steps(logs)
         if self.recent_returns:
             self.log("return", logs["train/episode_return"], prog_bar=True)
-        if self.actor.block is not None:
-            with torch.no_grad():
-                m = min(n, 1024)
-                load = self.actor(b_obs[:m], None if b_task is None else b_task[:m])[2].tokens_per_expert.double()
+        if routing is not None:  # the actor's expert load on the update's last minibatch
+            load = routing.tokens_per_expert.double()
             self.log("train/actor_max_load", float(load.max() / load.mean().clamp_min(1e-9)))
 
     def _log_against_env_steps(self, logs: dict[str, float]) -> None:

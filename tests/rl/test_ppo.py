@@ -225,7 +225,7 @@ def test_bench_rl_quick_smoke(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     recs = json.loads(out.read_text())["records"]
-    keys = {"env", "method", "seed", "steps", "final_return", "steps_to_threshold", "wall_s"}
+    keys = {"env", "method", "seed", "steps", "final_return", "steps_to_threshold", "wall_s", "rollout_s", "update_s"}
     assert {(r["env"], r["method"]) for r in recs} == {("CartPole-v1", "sb3-ppo"), ("CartPole-v1", "ppo-dense"), ("CartPole-v1", "ppo-moe"),
                                                       ("cartpole-mt", "ppo-dense-multihead"), ("cartpole-mt", "ppo-moe-task"),
                                                       ("minigrid-mt", "ppo-dense-multihead"), ("minigrid-mt", "ppo-moe-task")}
@@ -234,7 +234,16 @@ def test_bench_rl_quick_smoke(tmp_path):
     for r in (r for r in recs if r["env"] == "minigrid-mt"):
         assert set(r["final_success_per_task"]) <= {"0", "1", "2"} and 0 <= r["final_success_task_mean"] <= 1
     assert all(r["steps"] == 2000 and r["wall_s"] > 0 for r in recs)
+    # both libraries' phases timed, inside the run's wall time; the paired per-seed ratios printed
+    assert all(0 < r["rollout_s"] and 0 < r["update_s"] and r["rollout_s"] + r["update_s"] < r["wall_s"] for r in recs)
+    assert "| CartPole-v1 | ppo-moe ÷ ppo-dense | 1 |" in p.stdout and "| CartPole-v1 | ppo-dense ÷ sb3-ppo | 1 |" in p.stdout
     assert (tmp_path / "CartPole-v1.png").exists()
+    # the reproduction check against an earlier file: a file against itself is identical curve for curve
+    c = subprocess.run([sys.executable, str(ROOT / "scripts/bench_rl.py"), "--combine", str(out), "--compare", str(out),
+                        "--out", str(tmp_path / "both.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert c.returncode == 0, c.stderr[-3000:]
+    row = next(line for line in c.stdout.splitlines() if line.startswith("| CartPole-v1 | ppo-moe | 1 |"))
+    assert row.endswith("| 0/1 | " + row.split(" | ")[6] + " | 1/1 |")
 
 
 def test_norm_reward_scales_by_the_running_return_std():
@@ -272,3 +281,11 @@ def test_anneal_clip_and_lr_follow_sb3_progress_remaining(monkeypatch):
     seen.clear()
     _fit("dense", 256, clip_coef=0.3, num_steps=32)
     assert seen and all(c == 0.3 for _, c, _ in seen), "without anneal_clip the clip range stays"
+
+
+def test_bench_rl_profile_smoke():
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/bench_rl.py"), "--profile", "ppo-moe", "--envs", "CartPole-v1",
+                        "--steps", "300"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "CartPole-v1 ppo-moe 300 steps under the profiler" in p.stdout and "rollout" in p.stdout
+    assert "moe/fused" in p.stdout or "_TopKMoE" in p.stdout or "aten::mm" in p.stdout  # the op table
