@@ -181,7 +181,7 @@ class MoE(nn.Module):
             soft = router(groups, task_id_T=task_id_T)
             y_TD, losses, stats = self._soft(groups, soft, want_aux, want_stats)
         elif grad and fused.supports(self, x_TD) and self._use_dense(x_TD.shape[0], x_TD.shape[0] * router.top_k):
-            with _region("moe/fused"):  # a small training batch: the whole step as one node (core/fused.py)
+            with region("moe/fused"):  # a small training batch: the whole step as one node (core/fused.py)
                 y_TD, losses, counts, entropy = fused.topk_moe(self, x_TD)
             T = torch.scalar_tensor(x_TD.shape[0], dtype=torch.long)
             stats = RoutingStats(counts, counts.new_zeros(()), T * router.top_k, entropy, T)
