@@ -180,7 +180,8 @@ class MoE(nn.Module):
             groups = x.reshape(lead[:-1].numel(), x.shape[-2], d_model) if x.dim() >= 3 else x_TD.unsqueeze(0)
             soft = router(groups, task_id_T=task_id_T)
             y_TD, losses, stats = self._soft(groups, soft, want_aux, want_stats)
-        elif grad and fused.supports(self, x_TD) and self._use_dense(x_TD.shape[0], x_TD.shape[0] * router.top_k):
+        elif (grad and self.dispatcher is None and fused.supports(self, x_TD)
+              and self._dense_pays(x_TD.shape[0], x_TD.shape[0] * router.top_k, self.experts)):
             with region("moe/fused"):  # a small training batch: the whole step as one node (core/fused.py)
                 y_TD, losses, counts, entropy = fused.topk_moe(self, x_TD)
             T = torch.scalar_tensor(x_TD.shape[0], dtype=torch.long)
@@ -233,16 +234,18 @@ class MoE(nn.Module):
     def _policy(self, T: int, routing: Routing, e: Experts) -> Dispatcher:
         # one call per forward, as before dispatch became a component: at small batches every Python call counts
         if self.dense_dispatch is not False and self.capacity_factor is None and hasattr(e, "forward_dense"):
-            if self.dense_dispatch is True:
-                return DENSE
-            # every expert on every token wastes (T * E - assignments) * (D * H_in + H * D) multiply-adds on unrouted
-            # pairs; below DENSE_MACS that is cheaper than the sorted path's fixed cost (sort, gathers, a host sync)
-            per_pair = e.d_model * ((2 if e.glu else 1) * e.hidden + e.hidden)  # D * H1 + H * D, as w1 and w2
-            if (T * e.num_experts - routing.expert_A.numel()) * per_pair <= DENSE_MACS:
+            if self.dense_dispatch is True or self._dense_pays(T, routing.expert_A.numel(), e):
                 return DENSE
         if routing.ids_TK is not None and routing.weights_TK is not None and not e.plain_autograd:
             return PERMUTATION
         return SORTED
+
+    @staticmethod
+    def _dense_pays(T: int, assignments: int, e: Experts) -> bool:
+        # every expert on every token wastes (T * E - assignments) * (D * H_in + H * D) multiply-adds on unrouted
+        # pairs; below DENSE_MACS that is cheaper than the sorted path's fixed cost (sort, gathers, a host sync)
+        per_pair = e.d_model * ((2 if e.glu else 1) * e.hidden + e.hidden)  # D * H1 + H * D, as w1 and w2
+        return (T * e.num_experts - assignments) * per_pair <= DENSE_MACS
 
     def _sparse(
         self, x_TD: Tensor, routing: Routing, want_aux: bool = True, want_stats: bool = True

@@ -127,3 +127,24 @@ def test_non_finite_logits_raise():
     x[2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         moe(x.requires_grad_())
+
+
+def test_an_installed_dispatcher_takes_precedence_over_the_fused_step(calls):
+    """ExpertParallelMoE installs its all-to-all dispatcher on a layer whose experts are pruned to this rank's: the
+    fused step (which runs the layer's own experts) must never replace an installed dispatcher."""
+    from moeparadigms.core.dispatchers import SORTED, SortedDispatcher
+
+    used = [0]
+
+    class Spy(SortedDispatcher):
+        def __call__(self, *a, **k):
+            used[0] += 1
+            return SORTED(*a, **k)
+
+    moe, x = _moe(), torch.randn(16, 8)
+    assert fused.supports(moe, x)
+    moe(x).y.sum().backward()
+    assert calls[0] == 1 and used[0] == 0  # by default a small training batch takes the fused step
+    moe.dispatcher = Spy()
+    moe(x).y.sum().backward()
+    assert calls[0] == 1 and used[0] == 1
