@@ -1,6 +1,8 @@
 """Plain reference implementations the fast paths are checked against (slow, obviously correct)."""
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -77,3 +79,10 @@ def soft_ref(moe: MoE, x: Tensor) -> Tensor:
         Ys = torch.stack(slot_out)  # (S, D)
         outs.append(Cw @ Ys)
     return torch.stack(outs).reshape(x.shape)
+
+
+def free_port() -> int:
+    """A free localhost TCP port for a gloo process group (the spawned-worker tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import torch.multiprocessing as mp
 
 from moeparadigms.core import FFN, ExpertChoiceRouter, MLPExperts, MoE, TopKRouter
 from moeparadigms.core.parallel import ExpertParallelMoE, ignore_expert_parameters_in_ddp
+
+from .reference import free_port
 
 WORLD, T, D, E = 2, 12, 8, 4
 
@@ -83,16 +84,10 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_all_to_all_expert_parallel_equals_single_process():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def test_all_to_all_expert_parallel_needs_init():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeparadigms.core import BiasBalancedRouter, MLPExperts, MoE, register_bias_update, update_router_biases
+
+from .reference import free_port
 
 D, E, RATE = 6, 4, 0.01
 
@@ -154,13 +155,7 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_data_parallel_update_uses_the_load_of_every_rank():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
