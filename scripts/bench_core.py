@@ -27,6 +27,7 @@ kept beside it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -124,7 +125,7 @@ def _deepspeed(s: Shape) -> nn.Module:
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
         os.environ.setdefault(key, value)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if s.device.startswith("cuda") else "gloo", verbose=False)
     layer = DSMoE(hidden_size=s.d_model, expert=_mlp_expert(s), num_experts=s.E, ep_size=1, k=s.k,
                   drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
     layer.set_deepspeed_parallelism()
@@ -187,6 +188,10 @@ def build(impl: str, s: Shape) -> tuple[nn.Module, Callable[[torch.Tensor, torch
     params = list(m.parameters())
 
     fused = impl != "moeparadigms-grouped"
+    # st-moe-pytorch builds its dispatch/combine tensors in float32 and relies on autocast to meet bf16 weights;
+    # it runs under autocast in low precision (its matmuls then run in s.dtype like everyone else's)
+    amp = (torch.autocast(torch.device(s.device).type, dtype=s.torch_dtype) if impl == "st-moe-pytorch" and s.dtype != "float32"
+           else contextlib.nullcontext())
 
     def step(x: torch.Tensor, g: torch.Tensor) -> None:
         # the expert path is chosen per forward (the backward follows it); restored so nothing leaks out
@@ -197,9 +202,10 @@ def build(impl: str, s: Shape) -> tuple[nn.Module, Callable[[torch.Tensor, torch
             # the sequence-shaped peers get sequences of SEQ_LEN tokens (st-moe-pytorch routes, and sizes its
             # capacity, per sequence: one 8,192-token sequence would inflate its dense dispatch tensors)
             inp = x.view(-1, min(SEQ_LEN, x.shape[0]), x.shape[-1]) if three_d else x
-            out = m(inp)
-            y = out[0] if isinstance(out, tuple) else getattr(out, "y", getattr(out, "outputs", out))
-            y.reshape(g.shape).backward(g)
+            with amp:
+                out = m(inp)
+                y = out[0] if isinstance(out, tuple) else getattr(out, "y", getattr(out, "outputs", out))
+            y.reshape(g.shape).to(g.dtype).backward(g)
             if s.device.startswith("cuda"):
                 torch.cuda.synchronize()
         finally:
@@ -311,8 +317,11 @@ def profile_breakdown(s: Shape, impl: str = "moeparadigms", steps: int = 3) -> l
     return ranges + [r for r in rows if r["name"].startswith("aten::")][:12]
 
 
+SKIPPED: dict[str, str] = {}  # impl -> why it did not run (written into the JSON's meta)
+
+
 def time_config(s: Shape, impls: list[str], warmup: int, reps: int, threads: int) -> dict[str, list[float]]:
-    built, skipped = {}, {}
+    built, skipped = {}, SKIPPED
     for impl in impls:
         try:
             built[impl] = build(impl, s)[1]
@@ -320,6 +329,16 @@ def time_config(s: Shape, impls: list[str], warmup: int, reps: int, threads: int
             skipped[impl] = str(e)
             print(f"  skip {impl}: {e}", file=sys.stderr)
     x, g = _inputs(s, 1)
+    for impl in list(built):  # one trial step each: an implementation that cannot run this shape/dtype is skipped, not fatal
+        try:
+            built[impl](x, g)
+        except Exception as e:  # noqa: BLE001
+            if impl in ("dense", "dense-glu") or impl.startswith("moeparadigms"):
+                raise  # our layer and its dense reference must run
+            skipped[impl] = f"{type(e).__name__}: {e}"
+            print(f"  skip {impl}: it failed its trial step ({skipped[impl]})", file=sys.stderr)
+            del built[impl]
+        x.grad = None
     times: dict[str, list[float]] = {i: [] for i in built}
     names = list(built)
     for r in range(warmup + reps):
@@ -423,7 +442,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(f"  {r['name']:48s} total {r['total_ms']:8.1f}  self {r['self_ms']:8.1f}  calls {r['calls']}")
                 print(flush=True)
     meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(), "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else argv}
+            "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else argv, "skipped": SKIPPED}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -29,10 +29,20 @@ class Dispatch(NamedTuple):
     total: int  # assignments before dropping
 
 
+def count_assignments(expert_A: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert. On CUDA ``bincount`` reads its input's max on the host (a sync); a scatter-add
+    into ``num_experts`` zeros does not. On CPU ``bincount`` is one op."""
+    if expert_A.is_cuda:
+        return torch.zeros(num_experts, dtype=torch.long, device=expert_A.device).scatter_add_(
+            0, expert_A, torch.ones_like(expert_A)
+        )
+    return torch.bincount(expert_A, minlength=num_experts)
+
+
 def sort_by_expert(token_A: Tensor, expert_A: Tensor, weight_A: Tensor, num_experts: int) -> Dispatch:
     """Dropless dispatch: a stable sort of the assignments by expert (token order kept inside an expert)."""
     expert_sorted, order = torch.sort(expert_A, stable=True)
-    counts = torch.bincount(expert_sorted, minlength=num_experts)
+    counts = count_assignments(expert_sorted, num_experts)
     return Dispatch(
         token_A[order], expert_sorted, weight_A[order], counts, counts.new_zeros(()), int(expert_A.numel())
     )
@@ -97,7 +107,7 @@ def topk_permutation(ids_TK: Tensor, num_experts: int, cap: int | None = None) -
     K = ids_TK.shape[-1]
     flat = ids_TK.reshape(-1)
     expert_sorted, order = torch.sort(flat, stable=True)
-    counts = torch.bincount(expert_sorted, minlength=num_experts)
+    counts = count_assignments(expert_sorted, num_experts)
     A = order.numel()
     arange = torch.arange(A, device=order.device)
     if cap is None:

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from . import dispatch as dsp
+from .dispatch import count_assignments
 from .experts import Experts
 from .routing import Routing
 
@@ -40,16 +41,6 @@ class Dispatched(NamedTuple):
 def region(name: str):
     """A profiler label when a profiler is recording; free otherwise (record_function costs ~10 us a call)."""
     return record_function(name) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
-
-
-def count_assignments(expert_A: Tensor, num_experts: int) -> Tensor:
-    """Assignments per expert. On CUDA ``bincount`` reads its input's max on the host (a sync); a scatter-add
-    into ``num_experts`` zeros does not. On CPU ``bincount`` is one op."""
-    if expert_A.is_cuda:
-        return torch.zeros(num_experts, dtype=torch.long, device=expert_A.device).scatter_add_(
-            0, expert_A, torch.ones_like(expert_A)
-        )
-    return torch.bincount(expert_A, minlength=num_experts)
 
 
 class Dispatcher:

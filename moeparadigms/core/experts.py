@@ -31,6 +31,10 @@ from .grouped_ffn import ACT_FORWARD, GroupedFFN, expert_bounds, expert_rows
 from .grouped_ffn import act_fwd as _act_fwd  # the name forward_dense and FFN use
 from .params import ExpertParam, Remap, merge_remaps
 
+# devices on which backend="auto" takes F.grouped_mm for half-precision rows (on CPU the fused C++ kernel is faster)
+GROUPED_MM_DEVICES = ("cuda",)
+
+
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 Init = Literal["copy", "mean", "fresh"]
 Backend = Literal["auto", "loop", "grouped_mm", "autograd"]
@@ -150,14 +154,15 @@ class _StackedExperts(Experts):
         return self.backend == "autograd"
 
     def _use_grouped_mm(self, x: Tensor) -> bool:
+        """Whether ``x`` goes through ``F.grouped_mm``: forced by ``backend``, or (``auto``) a CUDA tensor that runs in
+        half precision, either its own dtype or the autocast dtype it will be cast to."""
         if self.backend == "grouped_mm":
             return True
-        return (
-            self.backend == "auto"
-            and x.is_cuda
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and hasattr(F, "grouped_mm")
-        )
+        if self.backend != "auto" or x.device.type not in GROUPED_MM_DEVICES or not hasattr(F, "grouped_mm"):
+            return False
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return dtype in (torch.bfloat16, torch.float16)
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         """Apply each expert to its slice of ``x_AD`` (rows sorted by expert, ``counts_E`` per expert)."""
@@ -227,9 +232,14 @@ class _StackedExperts(Experts):
     def _forward(self, x: Tensor, counts_E: Tensor, dtype: torch.dtype, perm: TopKPermutation | None = None) -> Tensor:
         params = self._params()
         if self._use_grouped_mm(x):
+            if perm is not None:  # rows in token order: gather them into expert order first
+                x = permute_topk(x, perm)
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             h = F.grouped_mm(x, self.w1.full().to(dtype), offs=offs)
-            expert_A = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E)
+            expert_A = None
+            if self.b1 is not None or self.b2 is not None:  # output_size: no host sync to size the result
+                expert_A = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E,
+                                                   output_size=x.shape[0])
             if self.b1 is not None:
                 h = h + self.b1.full().to(dtype)[expert_A]
             a = _act_fwd(h, self.activation, self.glu)

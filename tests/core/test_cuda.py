@@ -54,3 +54,23 @@ def test_cuda_inference_dense_path_never_syncs(bank, stats):
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(out.y, ref, rtol=0, atol=0)
     assert (out.stats is not None) == stats
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cuda_training_step_sorted_path_never_syncs(bias):
+    """A large-batch training step (sorted dispatch, grouped_mm in bf16) with ``check_finite=False`` makes no host
+    sync in forward or backward: the per-expert counts are a scatter-add (bincount reads its max on the host) and the
+    bias rows are expanded with a known output size. Measured on an H200: the two were 4 of 5 syncs per step."""
+    torch.manual_seed(0)
+    moe = MoE(router=TopKRouter(d_model=128, num_experts=8, top_k=2),
+              experts=MLPExperts(d_model=128, hidden=256, num_experts=8, bias=bias), check_finite=False).cuda().bfloat16()
+    x = torch.randn(2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    moe(x).y.float().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = moe(x)
+        (out.y.float().sum() + out.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.grad is not None for p in moe.experts.parameters())

@@ -124,3 +124,31 @@ def test_gradients_accumulate_across_backwards(path):
         _loop_ref(bank, x, COUNTS).square().sum().backward()
     for a, p in zip(got, bank.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("kind", ["mlp-gelu", "swiglu-bias"])
+def test_autocast_grouped_mm_path_gathers_rows(kind, monkeypatch):
+    """On CUDA, ``backend="auto"`` takes ``F.grouped_mm`` for rows that run in bf16, their own dtype or autocast's.
+    Found on an H200: under autocast an fp32 input was judged by its own dtype (no grouped_mm, so no gather), then cast
+    to bf16 and sent down the grouped_mm branch ungathered: T rows against offsets summing to T*k (a device assert on
+    CUDA; on CPU a silent wrong result). Replayed on CPU by letting ``auto`` take grouped_mm there."""
+    from moeparadigms.core import MoE, TopKRouter
+    from moeparadigms.core import experts as experts_mod
+
+    torch.manual_seed(0)
+    E, k, T, d = 4, 2, 24, 16  # grouped_mm wants 16-byte strides: bf16 rows of 16
+    bank = (MLPExperts(d_model=d, hidden=d, num_experts=E, activation="gelu") if kind == "mlp-gelu"
+            else GLUExperts(d_model=d, hidden=d, num_experts=E, bias=True))
+    moe = MoE(router=TopKRouter(d_model=d, num_experts=E, top_k=k), experts=bank)
+    x = torch.randn(T, d, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = moe(x).y.float()  # the fused CPU kernel (or the loop) on bf16 rows
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    monkeypatch.setattr(experts_mod, "GROUPED_MM_DEVICES", ("cpu", "cuda"))
+    assert moe.experts._use_grouped_mm(x.to(torch.bfloat16)) and not moe.experts._use_grouped_mm(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.experts._use_grouped_mm(x)  # judged by the autocast dtype it will run in
+        y = moe(x).y.float()
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
