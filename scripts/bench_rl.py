@@ -416,9 +416,19 @@ def main() -> None:
             print("plot:", p)
         return
     envs, seeds = (["CartPole-v1", "cartpole-mt", "minigrid-mt"], 1) if args.quick else (args.envs, args.seeds)
+    def methods_for(env: str) -> list[str]:
+        if args.methods is None:
+            return list(SUITE_METHODS if env in SUITES else METHODS)
+        fits = [m for m in args.methods if (m in SUITE_METHODS) == (env in SUITES)]
+        if not fits:  # a method that cannot run on an env is an error, never a silently shorter run
+            kind = "a multi-task suite" if env in SUITES else "a single env"
+            ap.error(f"--methods {' '.join(args.methods)}: none runs on {env} ({kind}); "
+                     f"{'suites take' if env in SUITES else 'single envs take'} "
+                     f"{', '.join(SUITE_METHODS if env in SUITES else [m for m in ALL_METHODS if m not in SUITE_METHODS])}")
+        return fits
+
     jobs = [dict(env=e, seed=s, method=m, steps=2_000 if args.quick else args.steps or STEPS[e])
-            for e in envs for s in range(args.seed_start, args.seed_start + seeds) for m in (SUITE_METHODS if e in SUITES else METHODS)
-            if args.methods is None or m in args.methods]
+            for e in envs for s in range(args.seed_start, args.seed_start + seeds) for m in methods_for(e)]
     try:
         from rich.progress import track
     except ImportError:  # pragma: no cover

@@ -289,3 +289,18 @@ def test_bench_rl_profile_smoke():
     assert p.returncode == 0, p.stderr[-3000:]
     assert "CartPole-v1 ppo-moe 300 steps under the profiler" in p.stdout and "rollout" in p.stdout
     assert "moe/fused" in p.stdout or "_TopKMoE" in p.stdout or "aten::mm" in p.stdout  # the op table
+
+
+def test_bench_rl_methods_are_run_or_refused_never_dropped(tmp_path):
+    """`--methods` named a control (ppo-moe-dense-trunk) that argparse accepted and the job list then silently
+    dropped (only the three default methods were kept): a run of the other methods with no word. Now a named method
+    runs, and one that cannot run on any named env is an error that names the env and the methods it takes."""
+    out = tmp_path / "rl.json"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/bench_rl.py"), "--envs", "CartPole-v1", "--steps", "256",
+                        "--methods", "ppo-moe-dense-trunk", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {r["method"] for r in json.loads(out.read_text())["records"]} == {"ppo-moe-dense-trunk"}
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/bench_rl.py"), "--envs", "CartPole-v1", "--steps", "256",
+                          "--methods", "ppo-moe-task", "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "none runs on CartPole-v1" in bad.stderr and "ppo-moe-dense-trunk" in bad.stderr
+    assert not (tmp_path / "x.json").exists()
