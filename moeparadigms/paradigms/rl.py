@@ -198,6 +198,10 @@ class PPO(ParadigmModule):
     describe_action_space = staticmethod(describe_action_space)  # its old home
 
     def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device  # setup runs before Lightning moves the module there
+        if device.type != "cpu":  # seen on an H200: the first rollout step failed on a cpu/cuda device mismatch
+            raise ValueError(f"PPO trains on the CPU (its Gymnasium vector envs, rollout buffers and small policy live "
+                             f"there), but the trainer's device is {device}: set trainer.accelerator=cpu")
         if self.hparams.torch_threads:
             torch.set_num_threads(self.hparams.torch_threads)
         super().setup(stage)

@@ -304,3 +304,15 @@ def test_bench_rl_methods_are_run_or_refused_never_dropped(tmp_path):
                           "--methods", "ppo-moe-task", "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "none runs on CartPole-v1" in bad.stderr and "ppo-moe-dense-trunk" in bad.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_ppo_on_a_gpu_trainer_is_one_clear_error():
+    """`--trainer.accelerator gpu` on an H200 crashed at the first rollout step with a cpu/cuda device mismatch deep in
+    the policy; PPO now says in one line at setup that it trains on the CPU. Replayed here with a trainer whose
+    strategy reports a CUDA root device."""
+    from types import SimpleNamespace
+
+    model = PPO(network="dense")
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    with pytest.raises(ValueError, match=r"PPO trains on the CPU .* the trainer's device is cuda:0: set trainer.accelerator=cpu"):
+        model.setup("fit")
