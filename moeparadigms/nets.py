@@ -60,8 +60,10 @@ class Trunk(nn.Module):
         final_norm: a LayerNorm after the last block (False: the meta and RL networks, which never had one).
 
     Routing off is a config value, not another class: ``moe`` with ``num_experts: 1`` and ``top_k: 1`` (one
-    always-on expert; the ``dense*`` YAMLs under ``configs/``) gives the same trunk with a dense MLP of the same
-    active parameters in every block.
+    always-on expert; set the router's and the experts' ``init_args`` in any paradigm's MoE YAML, or
+    ``architecture.init_args`` for ``TaskMoE``) gives the same trunk with a dense MLP block; with the expert's
+    hidden width ``top_k x`` the MoE's, its active parameters match (``scripts/bench_controls.py``'s
+    ``dense-same-trunk`` controls).
     """
 
     def __init__(self, *, in_features: int, moe: MoE | Sequence[MoE], depth: int = 1, activation: str = "identity",

@@ -54,7 +54,7 @@ class MetaNet(nn.Module):
 
     The dense variant (``moe=None``) is the dense-MAML baseline network, a plain MLP of ``depth`` x ``width`` as
     MAML's papers use, not the trunk: a user comparing against MAML picks it. Routing off in the trunk is
-    ``moe`` with one expert and ``top_k: 1`` (``configs/meta/dense*.yaml``).
+    ``moe`` with one expert and ``top_k: 1`` (see :class:`~moeparadigms.nets.Trunk`).
 
     Args:
         in_features, out_features: task sizes.

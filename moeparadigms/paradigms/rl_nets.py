@@ -40,7 +40,7 @@ class RunningMeanStd(nn.Module):
 class PolicyNet(nn.Module):
     """``obs -> Trunk (tanh(Linear) -> MoEBlock, no final norm) -> head`` or, dense (``moe=None``, SB3's MlpPolicy
     baseline, kept a plain MLP), ``obs -> tanh(Linear) -> tanh(Linear) -> head``; returns (output, MoE aux loss,
-    stats). Routing off in the trunk is ``moe`` with one expert and ``top_k: 1`` (``configs/rl/dense_moe1.yaml``).
+    stats). Routing off in the trunk is ``moe`` with one expert and ``top_k: 1`` (see :class:`~moeparadigms.nets.Trunk`).
 
     With a :class:`SoftMoERouter` the trunk views each sample's ``hidden`` features as its own sequence of
     ``hidden / d_model`` tokens (Soft MoE mixes the tokens of a sequence: one environment's action never depends
