@@ -90,11 +90,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def check_compatible(model: nn.Module, checkpoint: dict[str, Any], *, hparams: dict[str, Any] | None = None) -> None:
     """Raise a ``ValueError`` naming every entry where ``checkpoint['state_dict']`` does not fit ``model``.
 
-    Call it from ``on_load_checkpoint`` after any resizing the module does itself (e.g. expert growth).
+    Call it from ``on_load_checkpoint`` after any resizing the module does itself (e.g. expert growth). Keys of
+    parameters renamed since the checkpoint was written (:func:`~moeparadigms.nets.rename_old_keys`: e.g.
+    ``block.`` before the shared trunk) are renamed first, in place, so the checkpoint loads.
     """
+    from .nets import upgrade_old_keys
+
     sd = checkpoint.get("state_dict")
     if sd is None:
         raise ValueError("checkpoint has no 'state_dict': it was not written by a Lightning Trainer")
+    upgrade_old_keys(model, sd)
     own = model.state_dict()
     problems = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
                 for k, v in own.items() if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(v.shape)]

@@ -183,10 +183,10 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
 def active_params(net) -> int:
     """Parameters one sample's forward uses: all of a dense net; of an MoE block, top_k experts of its bank."""
     total = sum(p.numel() for p in net.parameters())
-    if net.block is None:
+    if net.trunk is None:
         return total
-    bank = sum(p.numel() for p in net.block.moe.experts.parameters())
-    moe = net.block.moe
+    moe = net.trunk.blocks[0].moe
+    bank = sum(p.numel() for p in moe.experts.parameters())
     k = getattr(moe.router, "top_k", moe.experts.num_experts)  # Soft MoE: every expert processes its slots
     return total - bank + bank * k // moe.experts.num_experts
 

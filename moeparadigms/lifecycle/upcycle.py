@@ -271,7 +271,7 @@ def upcycle(
 def _walk(m: nn.Module, name: str, E: int, k: int, init: str, r: float, gen: torch.Generator, kwargs: dict,
           report: UpcycleReport, done: dict[int, nn.Module]) -> nn.Module:
     """``m`` with its dense blocks converted. ``done`` maps converted modules (by id) to their replacement: a block
-    registered under two names (a paradigm keeping ``self.moe`` beside ``self.block.moe``) becomes one MoE."""
+    registered under two names (a paradigm keeping ``self.moe`` beside ``self.trunk.blocks[0].moe``) becomes one MoE."""
     if id(m) in done:
         return done[id(m)]
     new = _convert_one(m, name, E, k, init, r, gen, kwargs, report)

@@ -9,7 +9,7 @@ stream mid-way, also across a growth boundary.
 
 Network, one *path* per experience ``t``::
 
-    x -> inp (Linear) -> h + MoE(LayerNorm(h), task_id=t) -> LayerNorm -> heads[t] (classes of t only)
+    x -> trunk (inp Linear -> h + MoE(LayerNorm(h), task_id=t) -> LayerNorm) -> heads[t] (classes of t only)
 
 The MoE's :class:`ExperienceRouter` lets experience ``t`` route only to the experts the growth policy
 gave it, so once those experts, their router rows and the head are frozen, path ``t`` computes exactly
@@ -46,7 +46,7 @@ from ..benchmarks.specs import StreamSpec
 from ..checkpoint import hparams_ignore, store_module_configs
 from ..checks import SETTINGS  # noqa: F401  (re-exported: its old home)
 from ..core import MoE, TopKRouter, remap_optimizer
-from ..nets import MoEBlock
+from ..nets import Trunk, rename_old_keys
 from ..plots import plot_accuracy_matrix, plot_expert_usage
 from .base import OptimizerCallable, ParadigmModule
 from .continual_growth import (  # re-exported: the YAMLs' class_path
@@ -60,6 +60,7 @@ from .continual_growth import (  # re-exported: the YAMLs' class_path
     GrowOnDemand,
     GrowthPolicy,
     expert_owners,
+    fit_task_bias,
     grow_experts,
     rewrap_ddp,
     router_log_posterior,
@@ -137,6 +138,7 @@ class ContinualMoE(ParadigmModule):
         self.save_hyperparameters(ignore=hparams_ignore("moe", "growth", "optimizer"))
         store_module_configs(self, moe=moe, growth=growth)
         self.moe, self.growth = moe, growth
+        rename_old_keys(self, {"inp.": "trunk.inp.", "block.": "trunk.blocks.0.", "norm.": "trunk.norm."})  # pre-trunk names
         self._initial_experts = moe.num_experts  # experience 0's experts (task_inference="router")
         self._usage: dict[int, Tensor] = {}
         self._buffer: Any = None
@@ -168,17 +170,14 @@ class ContinualMoE(ParadigmModule):
         max_t = getattr(self.moe.router, "max_experiences", T)
         if T > max_t:
             raise ValueError(f"the stream has {T} experiences but moe.router.max_experiences={max_t}; raise it")
-        D = self.moe.d_model
         self.in_features, self.num_classes, self.setting, self.num_experiences = in_features, num_classes, spec.setting, T
         self.classes_per_experience = [list(c) for c in spec.classes_per_experience]
         # built in setup(), where DDP has just re-seeded every rank: draw from our own seed so one process
         # and N ranks start from the same weights
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.hparams.seed * 15_485_863 + 1)
-            self.inp = nn.Linear(in_features, D)
-            self.block = MoEBlock(self.moe)
-            self.norm = nn.LayerNorm(D)
-            self.heads = nn.ModuleList([nn.Linear(D, num_classes) for _ in range(T)])
+            self.trunk = Trunk(in_features=in_features, moe=self.moe)  # draws inp's weights, as before the trunk
+            self.heads = nn.ModuleList([nn.Linear(self.moe.d_model, num_classes) for _ in range(T)])
         mask = torch.zeros(T, num_classes, dtype=torch.bool)
         for t, cs in enumerate(self.classes_per_experience):
             mask[t, cs] = True
@@ -199,7 +198,7 @@ class ContinualMoE(ParadigmModule):
         """``(B, T)`` log p(t | x) of the configured ``task_inference`` (before the replay bias)."""
         if self.hparams.task_inference == "gaussian":
             return self.task_inference.log_posterior(x).to(x.device)
-        z = self.block.norm(self.inp(x.flatten(1)))
+        z = self.trunk.router_input(x.flatten(1))
         probs = self.moe.router(z, task_id_T=torch.zeros(z.shape[0], dtype=torch.long, device=z.device)).probs_TE
         owners = expert_owners(self.moe.num_experts, self._initial_experts, self.growth.experts)
         return router_log_posterior(probs.float(), owners, self.num_experiences)
@@ -207,10 +206,10 @@ class ContinualMoE(ParadigmModule):
     # ------------------------------------------------------------------ forward: one path per experience
     def path_logits(self, x: Tensor, experience: int, shared: Any = None) -> tuple[Tensor, Tensor, Any]:
         """Logits ``(B, C)`` of experience ``experience``'s path (classes outside it masked), the MoE's
-        auxiliary loss and its routing statistics. ``shared``: the block's output when no path masks routing."""
-        out = self.block(self.inp(x.flatten(1)), task_id=experience) if shared is None else shared
-        logits = self.heads[experience](self.norm(out.y)).masked_fill(~self.class_mask[experience], MASKED)
-        return logits, out.aux_loss, out.stats
+        auxiliary loss and its routing statistics. ``shared``: the trunk's output when no path masks routing."""
+        out = self.trunk(x.flatten(1), task_id=experience) if shared is None else shared
+        logits = self.heads[experience](out.y).masked_fill(~self.class_mask[experience], MASKED)
+        return logits, out.aux_loss, out.stats[0]
 
     def forward(self, x: Tensor, task_id: int | None = None) -> Tensor:
         """Log-probabilities ``(B, C)``: path ``task_id`` when given (task-incremental), else the mixture
@@ -229,8 +228,8 @@ class ContinualMoE(ParadigmModule):
         log_pt = log_pt.log_softmax(-1)
         out = torch.full((x.shape[0], self.num_classes), -math.inf, device=x.device)
         usage = torch.zeros(self.moe.num_experts, device=x.device)
-        # the router control's paths share one (unmasked) block output
-        shared = self.block(self.inp(x.flatten(1)), task_id=0) if self.hparams.task_inference == "router" else None
+        # the router control's paths share one (unmasked) trunk output
+        shared = self.trunk(x.flatten(1), task_id=0) if self.hparams.task_inference == "router" else None
         aux = x.new_zeros(())
         for t in range(self.num_experiences):
             if torch.isinf(log_pt[:, t]).all():
@@ -303,7 +302,7 @@ class ContinualMoE(ParadigmModule):
         for t, head in enumerate(self.heads):
             head.requires_grad_(t >= started - 1)
         if self.growth.freeze_shared and started > 1:
-            for m in (self.inp, self.block.norm, self.norm):
+            for m in (self.trunk.inp, self.trunk.blocks[0].norm, self.trunk.norm):
                 m.requires_grad_(False)
 
     # ------------------------------------------------------------------ replay buffer and bias correction
@@ -330,20 +329,7 @@ class ContinualMoE(ParadigmModule):
         with torch.no_grad():
             log_pt = self.experience_log_posterior(x)
             log_py_t = torch.stack([self.path_logits(x, t)[0].log_softmax(-1) for t in range(upto + 1)], 1)  # (B, t, C)
-        bias = torch.zeros(upto + 1, device=x.device, requires_grad=True)
-        opt = torch.optim.LBFGS([bias], lr=0.5, max_iter=self.hparams.calibration_steps, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            lp = (log_pt[:, : upto + 1] + bias).log_softmax(-1)
-            logp = torch.logsumexp(lp[:, :, None] + log_py_t, dim=1)
-            loss = F.nll_loss(logp.clamp_min(-1e4), y) + 0.1 * bias.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        self.task_bias[: upto + 1] = bias.detach()
+        self.task_bias[: upto + 1] = fit_task_bias(log_pt[:, : upto + 1], log_py_t, y, steps=self.hparams.calibration_steps)
 
     # ------------------------------------------------------------------ train / validate / test
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -249,6 +249,26 @@ def router_log_posterior(probs_BE: Tensor, owner_E: Tensor, num_experiences: int
     return torch.where(p_BT > 0, p_BT.clamp_min(1e-30).log(), -math.inf)
 
 
+def fit_task_bias(log_pt_BT: Tensor, log_py_t_BTC: Tensor, y_B: Tensor, *, steps: int) -> Tensor:
+    """Bias correction (BiC): the per-experience offset ``(T,)`` on ``log p(t | x)`` minimising the cross-entropy
+    of ``log sum_t p(t | x) p(y | x, t)`` on the replay buffer (L-BFGS, ``steps`` iterations), pulled towards 0 so
+    50 samples cannot overfit it."""
+    bias = torch.zeros(log_pt_BT.shape[1], device=log_pt_BT.device, requires_grad=True)
+    opt = torch.optim.LBFGS([bias], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        lp = (log_pt_BT + bias).log_softmax(-1)
+        logp = torch.logsumexp(lp[:, :, None] + log_py_t_BTC, dim=1)
+        loss = F.nll_loss(logp.clamp_min(-1e4), y_B) + 0.1 * bias.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return bias.detach()
+
+
 def grow_experts(moe: MoE, n: int, *, freeze_old: bool, init: Init = "fresh", source: list[int] | None = None) -> Remap:
     """The continual growth step, shared by :class:`~moeparadigms.paradigms.continual.ContinualMoE` and the Avalanche
     adapter: freeze every existing expert and its router row (``freeze_old``), then add ``n`` experts (``init`` /
@@ -282,6 +302,6 @@ def rewrap_ddp(trainer: pl.Trainer) -> None:
     strategy.configure_ddp()
 
 
-__all__ = ["ExperienceRouter", "GaussianTaskInference", "GrowthPolicy", "ExpertPerExperience", "GrowOnDemand",
+__all__ = ["fit_task_bias", "ExperienceRouter", "GaussianTaskInference", "GrowthPolicy", "ExpertPerExperience", "GrowOnDemand",
            "FixedExperts", "Decision", "MASKED", "grow_experts", "rewrap_ddp", "TASK_INFERENCE", "expert_owners",
            "router_log_posterior"]

@@ -41,7 +41,7 @@ from ..benchmarks.specs import EpisodeSpec
 from ..checkpoint import hparams_ignore, store_module_configs
 from ..checks import check_positive
 from ..core import MoE
-from ..nets import MoEBlock
+from ..nets import Trunk, rename_old_keys
 from ..plots import plot_adaptation_curves
 from .base import OptimizerCallable, ParadigmModule
 
@@ -50,13 +50,17 @@ ADAPT_GROUPS = ("all", "router", "experts", "head", "context", "body")
 
 
 class MetaNet(nn.Module):
-    """``[x, context] -> dense ReLU layers`` or ``-> Linear -> ReLU -> MoEBlock`` ``-> head``.
+    """``[x, context] -> dense ReLU layers -> head`` or ``-> Trunk (Linear -> ReLU -> MoEBlock, no final norm) -> head``.
+
+    The dense variant (``moe=None``) is the dense-MAML baseline network, a plain MLP of ``depth`` x ``width`` as
+    MAML's papers use, not the trunk: a user comparing against MAML picks it. Routing off in the trunk is
+    ``moe`` with one expert and ``top_k: 1`` (see :class:`~moeparadigms.nets.Trunk`).
 
     Args:
         in_features, out_features: task sizes.
         width: hidden width of the dense layers (ignored with ``moe``: its ``d_model`` is the width).
         depth: dense hidden layers (without ``moe``).
-        moe: the MoE of the residual MoE block, or None for a dense MLP.
+        moe: the MoE of the trunk's residual MoE block, or None for a dense MLP.
         context_dim: size of a context vector concatenated to every input (0: none).
     """
 
@@ -65,16 +69,17 @@ class MetaNet(nn.Module):
         super().__init__()
         self.context = nn.Parameter(torch.zeros(context_dim)) if context_dim else None
         fin = in_features + context_dim
+        self.body: nn.Sequential | None = None
+        self.trunk: Trunk | None = None
         if moe is None:
             layers: list[nn.Module] = []
             for i in range(depth):
                 layers += [nn.Linear(fin if i == 0 else width, width), nn.ReLU()]
             self.body = nn.Sequential(*layers)
-            self.block = None
             hidden = width
         else:
-            self.body = nn.Sequential(nn.Linear(fin, moe.d_model), nn.ReLU())
-            self.block = MoEBlock(moe)
+            self.trunk = Trunk(in_features=fin, moe=moe, activation="relu", final_norm=False)
+            rename_old_keys(self, {"body.0.": "trunk.inp.", "block.": "trunk.blocks.0."})  # names before the trunk
             hidden = moe.d_model
         self.head = nn.Linear(hidden, out_features)
 
@@ -82,12 +87,11 @@ class MetaNet(nn.Module):
         """x ``[..., F]`` -> (outputs ``[..., O]``, MoE auxiliary loss ``()``)."""
         if self.context is not None:
             x = torch.cat([x, self.context.expand(*x.shape[:-1], self.context.numel())], -1)
-        h = self.body(x)
-        aux = h.new_zeros(())
-        if self.block is not None:
-            out = self.block(h)
-            h, aux = out.y, out.aux_loss
-        return self.head(h), aux
+        if self.trunk is None:
+            h = self.body(x)  # type: ignore[misc]
+            return self.head(h), h.new_zeros(())
+        out = self.trunk(x)
+        return self.head(out.y), out.aux_loss
 
 
 def _in_group(name: str, group: str) -> bool:
@@ -207,6 +211,8 @@ class MetaMoE(ParadigmModule):
                 n.replace(".", "__"): nn.Parameter(torch.full_like(p, self._base_lr(n)))
                 for n, p in self.net.named_parameters() if n in self.adapted
             })
+            if self.net.trunk is not None:  # Meta-SGD rates of checkpoints from before the trunk
+                rename_old_keys(self.inner_lrs, {"body__0__": "trunk__inp__", "block__": "trunk__blocks__0__"})
 
     def _base_lr(self, name: str) -> float:
         h = self.hparams

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..checks import check_positive
 from ..core import MLPExperts, MoE, TaskConditionedRouter
-from ..nets import MoEBlock
+from ..nets import BlockOutput, Trunk
 
 # ---------------------------------------------------------------------------------------------------
 # Sample-level mixtures: one module for shared-bottom, OMoE, MMoE, CGC and PLE
@@ -198,9 +198,10 @@ class SingleTaskNets(nn.Module):
         return []
 
 
-class TaskMoENet(nn.Module):
-    """``Linear(F, D) -> [pre-norm residual MoE block] * depth -> LayerNorm``, every MoE routed by the core's
-    :class:`~moeparadigms.core.TaskConditionedRouter`.
+class TaskMoENet(Trunk):
+    """The shared :class:`~moeparadigms.nets.Trunk` (``Linear(F, D) -> [pre-norm residual MoE block] * depth ->
+    LayerNorm``), every MoE routed by the core's :class:`~moeparadigms.core.TaskConditionedRouter`; the task heads
+    live in :class:`~moeparadigms.paradigms.multitask.MultiTaskMoE`.
 
     ``forward(x, task_id)`` routes each sample by its own task id (one pass over the batch: the compute task
     routing exists to save); ``forward(x)`` without ids runs the batch once per task (all tasks stacked in
@@ -208,23 +209,13 @@ class TaskMoENet(nn.Module):
     task's label (the shape of Avalanche's ``MultiTaskModule.forward``)."""
 
     def __init__(self, *, in_features: int, num_tasks: int, depth: int, moe_factory: Callable[[], MoE]) -> None:
-        super().__init__()
         check_positive(in_features=in_features, num_tasks=num_tasks, depth=depth)
+        # one factory call per block (independent initialisations), all before the input layer, as always
+        super().__init__(in_features=in_features, moe=[moe_factory() for _ in range(depth)])
         self.num_tasks = num_tasks
-        self.blocks = nn.ModuleList([MoEBlock(moe_factory()) for _ in range(depth)])  # independent initialisations
-        d_model = self.blocks[0].moe.d_model
-        self.out_features = d_model
-        self.inp = nn.Linear(in_features, d_model)
-        self.norm = nn.LayerNorm(d_model)
 
-    def _run(self, x: Tensor, task_id_N: Tensor) -> tuple[Tensor, Tensor, list]:
-        h = self.inp(x)
-        aux, stats = h.new_zeros(()), []
-        for block in self.blocks:
-            out = block(h, task_id=task_id_N)
-            h, aux = out.y, aux + out.aux_loss
-            stats.append(out.stats)
-        return self.norm(h), aux, stats
+    def _run(self, x: Tensor, task_id_N: Tensor) -> BlockOutput:
+        return Trunk.forward(self, x, task_id=task_id_N)  # (y normed, aux, stats per block)
 
     def forward(self, x: Tensor, task_id: Tensor | None = None) -> NetOutput:
         if task_id is not None:

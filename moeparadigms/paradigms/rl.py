@@ -26,7 +26,6 @@ Shape legend: S rollout steps, N environments, B minibatch, O observation featur
 from __future__ import annotations
 
 import copy
-import warnings
 from collections import deque
 from typing import Any, Literal
 
@@ -39,13 +38,11 @@ from ..benchmarks import metaworld as _metaworld  # noqa: F401  (registers MetaW
 from ..benchmarks.gym import (  # re-exported: the YAMLs' and users' old import path
     GymEnvs,
     capture_env_state,
-    capture_vector_state,
     check_env_id,
     describe_action_space,
     make_env,
     play_episodes,
     restore_env_state,
-    restore_vector_state,
     wrapper_factory,
 )
 from ..benchmarks.specs import EnvSpec
@@ -56,6 +53,7 @@ from ..core.experts import reinitialize
 from ..plots import plot_learning_curve
 from .base import OptimizerCallable, ParadigmModule
 from .rl_nets import PolicyNet, RunningMeanStd, gae
+from .rl_resume import restore_rollout_state, rollout_state
 
 NETWORKS = ("dense", "moe", "soft_moe")
 
@@ -187,8 +185,8 @@ class PPO(ParadigmModule):
         self.actor = PolicyNet(obs_dim, act_out, h.hidden, moe_a, head_gain=0.01, num_heads=heads)
         self.critic = PolicyNet(obs_dim, 1, h.hidden, moe_c, head_gain=1.0, num_heads=heads)
         for net in (self.actor, self.critic):
-            if net.block is not None:  # rollouts and evaluation never read the routing statistics (a few ops a step)
-                net.block.moe.stats_in_inference = False
+            if net.trunk is not None:  # rollouts and evaluation never read the routing statistics (a few ops a step)
+                net.trunk.blocks[0].moe.stats_in_inference = False
         self.log_std = None if discrete else nn.Parameter(torch.zeros(act_out))
         self.obs_rms = RunningMeanStd((obs_dim,))
         self.ret_rms = RunningMeanStd(())
@@ -248,7 +246,7 @@ class PPO(ParadigmModule):
     def on_train_start(self) -> None:
         envs = self.trainer.datamodule.envs
         if getattr(self, "_resume_state", None) is not None:
-            self._restore_rollout_state(envs, self._resume_state)
+            restore_rollout_state(self, envs, self._resume_state)
             self._resume_state = None
         else:
             obs, _ = envs.reset(seed=self.trainer.datamodule.seed)
@@ -439,33 +437,9 @@ class PPO(ParadigmModule):
         self._play("test")
 
     # ------------------------------------------------------------------ checkpoints that resume exactly
-    def _rollout_state(self, envs: Any) -> dict[str, Any]:
-        return {
-            "next_obs": self.next_obs.clone(), "next_autoreset": self.next_autoreset.clone(),
-            "disc_return": self.disc_return.clone(),
-            "torch_rng": torch.get_rng_state(), "recent_returns": list(self.recent_returns),
-            "recent_success": list(self.recent_success),
-            "history": [list(x) for x in self.history],
-            **capture_vector_state(envs),
-        }
-
-    def _restore_rollout_state(self, envs: Any, s: dict[str, Any]) -> None:
-        if restore_vector_state(envs, s, seed=self.trainer.datamodule.seed):
-            self.next_obs, self.next_autoreset = s["next_obs"], s["next_autoreset"]
-        else:
-            warnings.warn("this environment's state cannot be checkpointed: the resumed run restarts its episodes",
-                          RuntimeWarning, stacklevel=2)
-            obs, _ = envs.reset(seed=self.trainer.datamodule.seed + int(self.env_steps))
-            self.next_obs, self.next_autoreset = torch.as_tensor(obs, dtype=torch.float32), torch.zeros(envs.num_envs)
-        torch.set_rng_state(s["torch_rng"])
-        self.disc_return = s["disc_return"].clone()
-        self.recent_returns = deque(s["recent_returns"], maxlen=20)
-        self.recent_success = deque(s.get("recent_success", []), maxlen=20)
-        self.history = [tuple(x) for x in s["history"]]
-
     def checkpoint_state(self) -> dict[str, Any]:
         dm = self.trainer.datamodule if self._trainer is not None else None
-        return {"rollout": self._rollout_state(dm.envs)} if getattr(dm, "envs", None) is not None else {}
+        return {"rollout": rollout_state(self, dm.envs)} if getattr(dm, "envs", None) is not None else {}
 
     def restore_checkpoint_state(self, entry: dict[str, Any]) -> None:
         self._resume_state = entry.get("rollout")

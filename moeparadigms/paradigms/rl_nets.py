@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import MoE, SoftMoERouter, TaskConditionedRouter
-from ..nets import MoEBlock
+from ..nets import Trunk, rename_old_keys
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -38,23 +38,33 @@ class RunningMeanStd(nn.Module):
 
 
 class PolicyNet(nn.Module):
-    """``obs -> tanh(Linear) -> [tanh(Linear) | MoEBlock] -> head``; returns (output, MoE aux loss, stats).
+    """``obs -> Trunk (tanh(Linear) -> MoEBlock, no final norm) -> head`` or, dense (``moe=None``, SB3's MlpPolicy
+    baseline, kept a plain MLP), ``obs -> tanh(Linear) -> tanh(Linear) -> head``; returns (output, MoE aux loss,
+    stats). Routing off in the trunk is ``moe`` with one expert and ``top_k: 1`` (see :class:`~moeparadigms.nets.Trunk`).
 
-    ``num_heads > 1``: one output head per task, the row of ``task_id`` is used (multi-task RL). A
-    ``TaskConditionedRouter`` in the MoE block routes on ``task_id`` too."""
+    With a :class:`SoftMoERouter` the trunk views each sample's ``hidden`` features as its own sequence of
+    ``hidden / d_model`` tokens (Soft MoE mixes the tokens of a sequence: one environment's action never depends
+    on another's observation). ``num_heads > 1``: one output head per task, the row of ``task_id`` is used
+    (multi-task RL). A ``TaskConditionedRouter`` in the MoE block routes on ``task_id`` too."""
 
     def __init__(self, obs_dim: int, out_dim: int, hidden: int, moe: MoE | None, head_gain: float, num_heads: int = 1) -> None:
         super().__init__()
-        self.inp = nn.Linear(obs_dim, hidden)
-        self.block = MoEBlock(moe) if moe is not None else None
-        self.mid = None if moe is not None else nn.Linear(hidden, hidden)
+        self.trunk: Trunk | None = None
+        if moe is None:
+            self.inp, self.mid = nn.Linear(obs_dim, hidden), nn.Linear(hidden, hidden)
+        else:
+            soft = isinstance(moe.router, SoftMoERouter)
+            if hidden % moe.d_model if soft else hidden != moe.d_model:
+                raise ValueError(f"hidden={hidden} must {'be a multiple of' if soft else 'equal'} moe.d_model={moe.d_model}")
+            self.trunk = Trunk(in_features=obs_dim, moe=moe, activation="tanh", final_norm=False,
+                               tokens=hidden // moe.d_model if soft else None)
+            rename_old_keys(self, {"inp.": "trunk.inp.", "block.": "trunk.blocks.0."})  # names before the trunk
         self.num_heads, self.out_dim = num_heads, out_dim
         self.head = nn.Linear(hidden, out_dim * num_heads)
         self.task_routed = moe is not None and isinstance(moe.router, TaskConditionedRouter)
-        for lin in (self.inp, self.mid):
-            if lin is not None:
-                nn.init.orthogonal_(lin.weight, math.sqrt(2))
-                nn.init.zeros_(lin.bias)
+        for lin in (self.inp, self.mid) if self.trunk is None else (self.trunk.inp,):
+            nn.init.orthogonal_(lin.weight, math.sqrt(2))
+            nn.init.zeros_(lin.bias)
         nn.init.orthogonal_(self.head.weight, head_gain)
         nn.init.zeros_(self.head.bias)
 
@@ -66,16 +76,11 @@ class PolicyNet(nn.Module):
 
     def forward(self, x: Tensor, task_id: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
         """``x [B, O]``, ``task_id [B]`` (long; needed with several heads or task routing) -> ``[B, out]``."""
-        h = torch.tanh(self.inp(x))
-        if self.block is None:
-            return self._head(torch.tanh(self.mid(h)), task_id), h.new_zeros(()), None
-        if isinstance(self.block.moe.router, SoftMoERouter):
-            # Soft MoE mixes the tokens of a sequence: each sample's features are its own sequence of
-            # hidden / d_model tokens, so one environment's action never depends on another's observation
-            out = self.block(h.view(*h.shape[:-1], -1, self.block.moe.d_model))
-            return self._head(out.y.flatten(-2), task_id), out.aux_loss, out.stats
-        out = self.block(h, task_id=task_id if self.task_routed else None)
-        return self._head(out.y, task_id), out.aux_loss, out.stats
+        if self.trunk is None:
+            h = torch.tanh(self.mid(torch.tanh(self.inp(x))))
+            return self._head(h, task_id), h.new_zeros(()), None
+        out = self.trunk(x, task_id=task_id if self.task_routed else None)
+        return self._head(out.y, task_id), out.aux_loss, out.stats[0]
 
 
 # ---------------------------------------------------------------------------------------------- GAE

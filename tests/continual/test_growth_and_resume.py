@@ -7,6 +7,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from moeparadigms.benchmarks.continual import SplitDigits
 
+from ..old_keys import CONTINUAL, to_old_names
 from .helpers import growth_model, trainer
 
 
@@ -91,3 +92,12 @@ def test_load_from_checkpoint_without_a_trainer(tmp_path):
     m.eval(), fresh.eval()
     assert torch.equal(m(x), fresh(x))
     assert copy.deepcopy(fresh).moe.num_experts == 2
+    # a checkpoint written before the shared trunk (inp., block., norm.) loads the same way (Lightning's restore:
+    # on_load_checkpoint, which compares it with the model, then load_state_dict)
+    old = to_old_names(state["state_dict"], CONTINUAL)
+    assert {"inp.weight", "block.norm.weight", "norm.weight"} <= old.keys() and not any("trunk." in k for k in old)
+    legacy = growth_model()
+    legacy.on_load_checkpoint({**state, "state_dict": old})
+    legacy.load_state_dict(old)
+    legacy.eval()
+    assert torch.equal(m(x), legacy(x))

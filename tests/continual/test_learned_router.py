@@ -62,7 +62,7 @@ def test_mixture_matches_the_per_experience_reference_outputs_and_gradients():
     F.nll_loss(logp, y).backward()
     got_grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
-    z = m.block.norm(m.inp(x.flatten(1)))
+    z = m.trunk.router_input(x.flatten(1))
     probs = torch.softmax(z @ m.moe.router.gate.full().T, -1)  # top-1: the router's softmax over every expert
     p_t = probs  # one expert per experience, in order
     ref = torch.full_like(logp, -math.inf)

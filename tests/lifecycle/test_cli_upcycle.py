@@ -137,14 +137,14 @@ def test_a_trained_one_expert_ppo_policy_starts_an_upcycled_run_from_yaml(tmp_pa
     (tmp_path / "up.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [cb]}}))
     up_ckpt = _ppo_fit(tmp_path / "up", "--config", str(tmp_path / "up.yaml"))
     ck = safe_load(up_ckpt)
-    assert sorted(ck["upcycle"]["converted"]) == ["actor.block.moe", "critic.block.moe"]
-    assert ck["state_dict"]["actor.block.moe.experts.w1.weight"].shape[0] == 8
+    assert sorted(ck["upcycle"]["converted"]) == ["actor.trunk.blocks.0.moe", "critic.trunk.blocks.0.moe"]
+    assert ck["state_dict"]["actor.trunk.blocks.0.moe.experts.w1.weight"].shape[0] == 8
     dense = safe_load(dense_ckpt)["state_dict"]
     # the dense policy was loaded: its observation statistics continue instead of restarting (a fresh run of the
     # same length counts exactly as many observations as the dense run did)
     assert ck["state_dict"]["obs_rms.count"].item() > dense["obs_rms.count"].item()
     policy = PPO.load_from_checkpoint(up_ckpt)
-    assert policy.actor.block.moe.num_experts == 8 and policy.critic.block.moe.num_experts == 8
+    assert policy.actor.trunk.blocks[0].moe.num_experts == 8 and policy.critic.trunk.blocks[0].moe.num_experts == 8
     assert all(torch.equal(v, ck["state_dict"][k]) for k, v in policy.state_dict().items())
 
 
@@ -203,14 +203,14 @@ def test_a_trained_dense_continual_backbone_starts_an_upcycled_stream_from_yaml(
     base, dense_ckpt = CONTINUAL_BASE, continual_dense
     up, up_ckpt = _upcycled(tmp_path, base, dense_ckpt)
     ck, dense = safe_load(up_ckpt), safe_load(dense_ckpt)
-    # the module keeps its MoE under two names (moe, block.moe): one layer, converted once
+    # the module keeps its MoE under two names (moe, trunk.blocks.0.moe): one layer, converted once
     assert ck["upcycle"]["converted"] == ["moe"] and ck["upcycle"]["num_experts"] == 4
-    assert dense["state_dict"]["block.moe.experts.w1.weight"].shape[0] == 1
-    assert ck["state_dict"]["block.moe.experts.w1.weight"].shape[0] == 4
+    assert dense["state_dict"]["trunk.blocks.0.moe.experts.w1.weight"].shape[0] == 1
+    assert ck["state_dict"]["trunk.blocks.0.moe.experts.w1.weight"].shape[0] == 4
     # the dense input layer was loaded and then trained on (FixedExperts freezes nothing)
-    assert not torch.equal(ck["state_dict"]["inp.weight"], dense["state_dict"]["inp.weight"])
+    assert not torch.equal(ck["state_dict"]["trunk.inp.weight"], dense["state_dict"]["trunk.inp.weight"])
     model = ContinualMoE.load_from_checkpoint(up_ckpt)
-    assert model.moe.num_experts == 4 and model.moe.router.top_k == 2 and model.block.moe is model.moe
+    assert model.moe.num_experts == 4 and model.moe.router.top_k == 2 and model.trunk.blocks[0].moe is model.moe
     assert all(torch.equal(v, ck["state_dict"][k]) for k, v in model.state_dict().items())
     _cli("test", tmp_path / "test", *base, "--config", str(up), "--ckpt_path", str(up_ckpt), "--trainer.limit_test_batches=1")
 
@@ -221,7 +221,7 @@ def test_upcycled_continual_model_equals_the_dense_backbone_at_step0(continual_d
     dense_ckpt = continual_dense
     dense, fresh = ContinualMoE.load_from_checkpoint(dense_ckpt), ContinualMoE.load_from_checkpoint(dense_ckpt)
     Upcycle(init_from=str(dense_ckpt), num_experts=4, top_k=2).setup(SimpleNamespace(ckpt_path=None), fresh, "fit")
-    assert fresh.moe.num_experts == 4 and fresh.block.moe is fresh.moe
+    assert fresh.moe.num_experts == 4 and fresh.trunk.blocks[0].moe is fresh.moe
     dense.eval(), fresh.eval()
     x = torch.rand(64, dense.in_features)
     # log-probabilities reach -200 for classes not seen yet (fp32 spacing 1.5e-5 there): probabilities to 1e-6

@@ -142,12 +142,12 @@ def test_a_built_ppo_actor_critic_with_one_expert_upcycles_exactly():
     x = torch.randn(16, 4)
     ref = ppo.actor(x)[0], ppo.critic(x)[0]
     _, report = upcycle(ppo, num_experts=4, top_k=2, seed=0)
-    assert report.converted == ["actor.block.moe", "critic.block.moe"]
+    assert report.converted == ["actor.trunk.blocks.0.moe", "critic.trunk.blocks.0.moe"]
     assert (ppo.actor(x)[0] - ref[0]).abs().max() <= 1e-6 and (ppo.critic(x)[0] - ref[1]).abs().max() <= 1e-6
 
 
 def test_a_block_registered_under_two_names_is_upcycled_once():
-    """A module holding the same single-expert MoE as ``self.moe`` and inside ``self.block`` (the continual
+    """A module holding the same single-expert MoE as ``self.moe`` and inside ``self.trunk`` (the continual
     paradigm does) gets one upcycled layer under both names, reported once."""
     from moeparadigms.core import MLPExperts, MoE, TopKRouter
     from moeparadigms.lifecycle import upcycle

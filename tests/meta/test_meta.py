@@ -17,6 +17,8 @@ from moeparadigms.benchmarks.meta import EpisodicDataModule, FewShotDigits, Mult
 from moeparadigms.core import MLPExperts, MoE, TopKRouter
 from moeparadigms.paradigms.meta import MetaMoE
 
+from ..old_keys import META_MOE, to_old_names
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -67,7 +69,7 @@ def _meta_grad(m: MetaMoE, create_graph: bool) -> dict[str, torch.Tensor]:
 def test_second_order_differs_from_first_order_and_matches_finite_differences(moe):
     m = _model(moe)
     second, first = _meta_grad(m, True), _meta_grad(m, False)
-    name = "body.0.weight"
+    name = "trunk.inp.weight" if moe else "body.0.weight"
     assert not torch.allclose(second[name], first[name]), "second-order terms are missing"
     # finite differences of the post-adaptation query loss, one weight at a time
     (x, y), (xq, yq) = _task(0), _task(1)
@@ -93,7 +95,7 @@ def test_router_only_adaptation_leaves_experts_untouched():
     experts = [n for n in params if ".experts." in n]
     routers = [n for n in params if ".router." in n]
     assert experts and routers
-    for n in experts + ["head.weight", "body.0.weight"]:
+    for n in experts + ["head.weight", "trunk.inp.weight"]:
         assert fast[n] is params[n], f"{n} changed but only the router adapts"
     assert all(not torch.equal(fast[n], params[n]) for n in routers)
 
@@ -206,7 +208,13 @@ def test_cli_checkpoint_loads_weights_only_and_rebuilds(tmp_path):
     c = torch.load(ckpt, weights_only=True)
     assert c["meta"] == {"in_features": 1, "out_features": 1, "task_kind": "regression"}
     m = MetaMoE.load_from_checkpoint(ckpt, weights_only=True)
-    assert m.net.block is not None and torch.equal(m.net.head.weight, c["state_dict"]["net.head.weight"])
+    assert m.net.trunk is not None and torch.equal(m.net.head.weight, c["state_dict"]["net.head.weight"])
+    # written before the shared trunk (net.body.0., net.block.): the same weights load
+    c["state_dict"] = to_old_names(c["state_dict"], META_MOE, "net.")
+    assert "net.body.0.weight" in c["state_dict"] and "net.block.norm.weight" in c["state_dict"]
+    torch.save(c, tmp_path / "old_names.ckpt")
+    legacy = MetaMoE.load_from_checkpoint(tmp_path / "old_names.ckpt", weights_only=True)
+    assert all(torch.equal(v, legacy.state_dict()[k]) for k, v in m.state_dict().items())
 
 
 def test_bench_meta_quick_smoke(tmp_path):

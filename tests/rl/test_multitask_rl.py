@@ -65,7 +65,7 @@ def test_determinism_ppo_task_routed_multitask():
         assert torch.equal(x, y), k
     # task-only routing: every sample of a task goes to the same expert
     obs = torch.cat([torch.randn(8, 4), torch.eye(4).repeat(2, 1)], 1)
-    routing = a.actor.block.moe.router(a.actor.block.norm(torch.tanh(a.actor.inp(obs))), task_id_T=a.task_of(obs))
+    routing = a.actor.trunk.blocks[0].moe.router(a.actor.trunk.router_input(obs), task_id_T=a.task_of(obs))
     ids = routing.ids_TK.flatten()
     assert ids[:4].tolist() == ids[4:].tolist()
 
