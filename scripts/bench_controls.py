@@ -39,9 +39,15 @@ Paradigms (``--paradigms``, default all):
   frozen (``FixedExperts``); ``moe-growth-learned-router`` (``moe-learned-routing``): the same growth and freezing
   without the inference (``ContinualMoE(task_inference="router")``: a learned top-1 router over every grown expert,
   never masked, picks the experience's head), itself also compared with ``moe-growth-one-expert``.
+* ``supervised``: ``MoEClassifier`` (configs/supervised/moe_mlp.yaml: width 64, 8 experts of hidden 128, top-2) on
+  scikit-learn's digits (the seed's stratified 75/25 split, 20 epochs, batch 64, AdamW 3e-3; 10 seeds), metric:
+  held-out accuracy. Controls: ``moe-mlp-dense-trunk`` (one expert of hidden 256) and ``moe-mlp-hash``.
 
 Attempts where no effect was found (run only when named in ``--methods``): ``task-moe-top1*`` / ``task-moe-16e*``
-(multitask, use ``--mt-p 0.1``), ``moe-maml-8e-top1*`` (meta), and for RL ``--rl-steps N``: the benchmark
+(multitask, use ``--mt-p 0.1``), ``moe-maml-8e-top1*`` / ``moe-maml-16e*`` (meta; ``--meta-benchmarks
+multimodal10``: multimodal regression over 10 function families instead of MMAML's 5), ``moe-growth-one-expert-640``
+(continual, kind ``dense-same-total-params``: one shared expert of hidden 640, the grown network's total expert
+parameters, with the same inference; its own row against ``moe-growth``), and for RL ``--rl-steps N``: the benchmark
 ``<env>@<N/1000>k`` with the steps to bench_rl's threshold as a second metric. Runs made in parallel into other
 files are joined with ``--merge``.
 
@@ -64,7 +70,7 @@ import bench_rl  # noqa: E402  (the RL methods, the zoo settings and one run)
 
 from moeparadigms.benchmarks.stats import effects_table, rl_aggregate, routing_effect  # noqa: E402
 
-PARADIGMS = ("rl", "multitask", "meta", "continual")
+PARADIGMS = ("rl", "multitask", "meta", "continual", "supervised")
 # each paradigm's MoE methods and their controls (rl: bench_rl.CONTROLS)
 MT_CONTROLS = {"task-moe": ("task-moe-dense-trunk", "task-moe-hash", "task-moe-task-only")}
 META_CONTROLS = {"moe-maml": ("moe-maml-dense-trunk", "moe-maml-hash")}
@@ -72,24 +78,33 @@ META_CONTROLS = {"moe-maml": ("moe-maml-dense-trunk", "moe-maml-hash")}
 # inference against one shared expert with it)
 CL_CONTROLS = {"moe-growth": ("moe-growth-one-expert", "moe-growth-learned-router"),
                "moe-growth-learned-router": ("moe-growth-one-expert",)}
+# supervised: MoEClassifier (configs/supervised/moe_mlp.yaml) on scikit-learn's digits
+SUP_CONTROLS = {"moe-mlp": ("moe-mlp-dense-trunk", "moe-mlp-hash")}
+# further comparisons of a method already compared above, each its own row (its controls run only when named in
+# --methods; the method's main row keeps its own controls and seeds): continual, one shared expert matched in TOTAL
+# parameters (hidden 640: 82,624 expert parameters against the grown five experts' 82,880) with the same inference
+EXTRA_COMPARISONS = {"continual": [("moe-growth", ("moe-growth-one-expert-640",))]}
 # the literature's attempts where no effect was found, run only when named in --methods: each its own MoE method
 # with its own controls (the same three kinds, sized to it). Multi-task: Task-MoE top-1 of the 8 experts, and 16
-# experts top-2; meta: 8 experts of hidden 32, top-1.
+# experts top-2; meta: 8 experts of hidden 32, top-1, and 16 experts of hidden 32, top-2.
 MT_VARIANTS = {"top1": dict(top_k=1), "16e": dict(num_experts=16)}
-META_VARIANTS = {"8e-top1": dict(E=8, k=1)}
+META_VARIANTS = {"8e-top1": dict(E=8, k=1), "16e": dict(E=16, k=2)}
 for _v in MT_VARIANTS:
     MT_CONTROLS[f"task-moe-{_v}"] = tuple(f"task-moe-{_v}-{c}" for c in ("dense-trunk", "hash", "task-only"))
 for _v in META_VARIANTS:
     META_CONTROLS[f"moe-maml-{_v}"] = tuple(f"moe-maml-{_v}-{c}" for c in ("dense-trunk", "hash"))
 ATTEMPTS = {m for g in (MT_CONTROLS, META_CONTROLS) for moe, cs in g.items() if moe not in ("task-moe", "moe-maml")
-            for m in (moe, *cs)}
-CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS}
+            for m in (moe, *cs)} | {c for extra in EXTRA_COMPARISONS.values() for _, cs in extra for c in cs}
+CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS,
+            "supervised": SUP_CONTROLS}
 CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-fixed-routing",
                 "ppo-soft-moe-one-expert": "single-scaled-expert",
                 "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
                 "task-moe-task-only": "moe-task-only",
                 "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing",
-                "moe-growth-one-expert": "dense-same-trunk", "moe-growth-learned-router": "moe-learned-routing"}
+                "moe-growth-one-expert": "dense-same-trunk", "moe-growth-learned-router": "moe-learned-routing",
+                "moe-growth-one-expert-640": "dense-same-total-params",
+                "moe-mlp-dense-trunk": "dense-same-trunk", "moe-mlp-hash": "moe-fixed-routing"}
 _SUFFIX_KIND = {"-dense-trunk": "dense-same-trunk", "-hash": "moe-fixed-routing", "-task-only": "moe-task-only"}
 CONTROL_KIND.update({m: k for m in ATTEMPTS for suffix, k in _SUFFIX_KIND.items() if m.endswith(suffix)})
 RL_METHODS = bench_rl.CONTROL_METHODS  # each MoE method followed by its controls
@@ -99,10 +114,10 @@ def _methods(groups: dict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for moe, controls in groups.items() for m in (moe, *controls)))
 
 
-METHODS = {p: (RL_METHODS if p == "rl" else _methods(g)) for p, g in CONTROLS.items()}
+METHODS = {p: (RL_METHODS if p == "rl" else _methods({**g, **dict(EXTRA_COMPARISONS.get(p, []))})) for p, g in CONTROLS.items()}
 ALL_METHODS = tuple(m for p in PARADIGMS for m in METHODS[p])
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in ATTEMPTS)
-DIGITS = {"rl": 1, "multitask": 4, "meta": 3, "continual": 4}  # table digits per paradigm's metric
+DIGITS = {"rl": 1, "multitask": 4, "meta": 3, "continual": 4, "supervised": 4}  # table digits per paradigm's metric
 
 # budgets (full / quick); every record keeps its budget, --resume matches on it
 MT_P = (0.5, 0.1)
@@ -111,7 +126,12 @@ MT_BUDGET = {"full": dict(n_train=4000, n_test=4000, epochs=30, batch_size=128, 
 META_BUDGET = {"full": dict(K=5, query=10, meta_batch=8, iters=500, tasks=300),
                "quick": dict(K=5, query=10, meta_batch=4, iters=3, tasks=10)}
 CL_BUDGET = {"full": dict(epochs=10), "quick": dict(epochs=1)}
-SEEDS = {"full": {"rl": 10, "multitask": 10, "meta": 5, "continual": 10}, "quick": dict.fromkeys(PARADIGMS, 2)}
+SUP_BUDGET = {"full": dict(epochs=20, batch_size=64, test_fraction=0.25), "quick": dict(epochs=1, batch_size=64, test_fraction=0.25)}
+SEEDS = {"full": {"rl": 10, "multitask": 10, "meta": 5, "continual": 10, "supervised": 10},
+         "quick": dict.fromkeys(PARADIGMS, 2)}
+# meta benchmarks beyond bench_meta's: multimodal regression over more function families (modes), bench_meta's
+# multimodal settings otherwise
+META_EXTRA = {"multimodal10": dict(families=10)}
 
 
 def rl_record(rec: dict) -> dict | list[dict]:
@@ -202,9 +222,10 @@ def run_meta(job: dict) -> dict:
     torch.set_num_threads(1)
     b, seed, method = job["budget"], job["seed"], job["method"]
     pl.seed_everything(seed, workers=True, verbose=False)
-    dm = getattr(M, bench_meta.BENCHMARKS[job["benchmark"]])(
+    bench = "multimodal" if job["benchmark"] in META_EXTRA else job["benchmark"]  # its class and inner lr
+    dm = getattr(M, bench_meta.BENCHMARKS[bench])(
         shots=b["K"], query=b["query"], meta_batch_size=b["meta_batch"], meta_iterations=b["iters"],
-        num_test_tasks=b["tasks"], eval_batch_size=100, seed=seed)
+        num_test_tasks=b["tasks"], eval_batch_size=100, seed=seed, **META_EXTRA.get(job["benchmark"], {}))
     pl.seed_everything(seed, workers=True, verbose=False)
     D, E, H, k = 32, 4, 32, 2  # bench_meta's moe-maml block
     for v, extra in META_VARIANTS.items():  # an attempt: more experts / another top_k, then the base method names
@@ -226,7 +247,7 @@ def run_meta(job: dict) -> dict:
                   load_balance_coef=0.0, z_loss_coef=0.0)
     else:
         raise ValueError(f"unknown meta method {method!r}")
-    model = MetaMoE(moe=moe, algorithm="maml", adapt=["all"], inner_steps=1, inner_lr=bench_meta.INNER_LR[job["benchmark"]],
+    model = MetaMoE(moe=moe, algorithm="maml", adapt=["all"], inner_steps=1, inner_lr=bench_meta.INNER_LR[bench],
                     eval_steps=10, outer_lr=1e-3, plots=False, in_features=dm.in_features, out_features=dm.out_features,
                     task_kind=dm.kind)
     wall, r = bench_meta.fit_and_test(model, dm)
@@ -258,6 +279,10 @@ def run_continual(job: dict) -> dict:
         growth = ExpertPerExperience(experts=1)
     elif method == "moe-growth-one-expert":
         growth = FixedExperts()
+    elif method == "moe-growth-one-expert-640":  # one shared expert of the grown network's total expert parameters
+        moe = MoE(router=ExperienceRouter(d_model=D, num_experts=1, top_k=1),
+                  experts=MLPExperts(d_model=D, hidden=640, num_experts=1), load_balance_coef=0.0, z_loss_coef=0.0)
+        growth = FixedExperts()
     elif method == "moe-growth-learned-router":
         growth = ExpertPerExperience(experts=1)
     else:
@@ -281,8 +306,47 @@ def run_continual(job: dict) -> dict:
                    forgetting=float(s["forgetting"]), num_experts=int(model.moe.num_experts))
 
 
+# ---------------------------------------------------------------------------------------------- supervised
+def run_supervised(job: dict) -> dict:
+    """MoEClassifier (configs/supervised/moe_mlp.yaml: width 64, 8 experts of hidden 128, top-2) or one of its
+    controls on scikit-learn's digits (the seed's stratified 75/25 split): held-out accuracy."""
+    import pytorch_lightning as pl
+    import torch
+
+    from moeparadigms.benchmarks.digits import DigitsDataModule
+    from moeparadigms.core import HashRouter, MLPExperts, MoE, TopKRouter
+    from moeparadigms.paradigms.supervised import MoEClassifier
+
+    torch.set_num_threads(1)
+    b, seed, method = job["budget"], job["seed"], job["method"]
+    D, E, H, k = 64, 8, 128, 2
+    pl.seed_everything(seed, verbose=False)
+    if method == "moe-mlp":
+        router = TopKRouter(d_model=D, num_experts=E, top_k=k)
+    elif method == "moe-mlp-hash":
+        TopKRouter(d_model=D, num_experts=E, top_k=k)  # drawn and dropped: the experts get moe-mlp's initial draw
+        router = HashRouter(d_model=D, num_experts=E, top_k=k, seed=seed)
+    elif method == "moe-mlp-dense-trunk":  # one always-on expert of the active size
+        router, E, H = TopKRouter(d_model=D, num_experts=1, top_k=1), 1, k * H
+    else:
+        raise ValueError(f"unknown supervised method {method!r}")
+    moe = MoE(router=router, experts=MLPExperts(d_model=D, hidden=H, num_experts=E), load_balance_coef=0.01,
+              z_loss_coef=0.001)
+    model = MoEClassifier(in_features=64, num_classes=10, moe=moe, depth=1, lr=3e-3)
+    dm = DigitsDataModule(batch_size=b["batch_size"], test_fraction=b["test_fraction"], seed=seed)
+    trainer = pl.Trainer(max_epochs=b["epochs"], accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, deterministic=True)
+    t0 = time.perf_counter()
+    trainer.fit(model, dm)
+    wall = time.perf_counter() - t0
+    acc = float(trainer.test(model, dm, verbose=False)[0]["test/acc"])
+    total = sum(p.numel() for p in model.parameters())
+    return _record(job, "test_acc", True, acc, wall, _active(total, model.net.blocks[0].moe), total)
+
+
 RUNNERS = {"rl": lambda job: rl_record(bench_rl.run_one(job)), "multitask": run_multitask, "meta": run_meta,
-           "continual": run_continual}
+           "continual": run_continual, "supervised": run_supervised}
 
 
 def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str], envs: list[str],
@@ -301,6 +365,9 @@ def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str],
     if paradigm == "meta":
         return [dict(paradigm=paradigm, benchmark=b, seed=s, method=m, budget=META_BUDGET[mode])
                 for b in meta_benchmarks for s in range(n) for m in ms]
+    if paradigm == "supervised":
+        return [dict(paradigm=paradigm, benchmark="digits", seed=s, method=m, budget=SUP_BUDGET[mode])
+                for s in range(n) for m in ms]
     return [dict(paradigm=paradigm, benchmark="split-digits-ci", seed=s, method=m, budget=CL_BUDGET[mode])
             for s in range(n) for m in ms]
 
@@ -324,8 +391,10 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
     for (paradigm, bench, metric) in dict.fromkeys((r["paradigm"], r["benchmark"], r["metric"]) for r in records):
         recs = [r for r in records if (r["paradigm"], r["benchmark"], r["metric"]) == (paradigm, bench, metric)
                 and r["value"] is not None]
-        for method, controls in CONTROLS.get(paradigm, {}).items():
+        for method, controls in [*CONTROLS.get(paradigm, {}).items(), *EXTRA_COMPARISONS.get(paradigm, [])]:
             mine = [r for r in recs if r["method"] in (method, *controls)]
+            if not any(r["method"] in controls for r in mine):
+                continue  # an extra comparison whose controls were not run
             if not any(r["method"] == method for r in mine):
                 continue  # this method was not run on this benchmark
             try:
@@ -421,12 +490,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rl-steps", type=int, default=None,
                     help="rl's budget (default the zoo's 100k); another budget is benchmark <env>@<k>k and adds the "
                          "steps-to-threshold metric")
-    ap.add_argument("--meta-benchmarks", nargs="+", default=["sinusoid"], choices=["sinusoid", "multimodal"])
+    ap.add_argument("--meta-benchmarks", nargs="+", default=["sinusoid"], choices=["sinusoid", "multimodal", *META_EXTRA],
+                    help="meta's benchmarks; multimodal10: multimodal regression over 10 function families "
+                         "(MultimodalTasks(families=10)) instead of MMAML's 5")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per paradigm (default: " + ", ".join(f"{p} {n}" for p, n in SEEDS["full"].items()) + ")")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(ALL_METHODS),
                     help="run only these methods (of every paradigm in --paradigms; default: all but the attempts "
-                         "task-moe-top1*, task-moe-16e*, moe-maml-8e-top1*)")
+                         "task-moe-top1*, task-moe-16e*, moe-maml-8e-top1*, moe-maml-16e*, moe-growth-one-expert-640)")
     ap.add_argument("--mt-p", nargs="+", type=float, default=list(MT_P), choices=list(MT_P), help="multitask's correlations")
     ap.add_argument("--report", action="store_true", help="print BENCHMARKS.md's tables from --out and run nothing")
     ap.add_argument("--merge", nargs="+", type=Path, default=[],

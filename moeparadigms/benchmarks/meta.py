@@ -40,15 +40,24 @@ def sinusoid(x: Tensor, p: Tensor) -> Tensor:
 
 
 MODES = ("sine", "linear", "quadratic", "l1", "tanh")
+#: five more families for ``families=10`` (more modes than MMAML's five; issue 14's "harder task conflicts"):
+#: ``A sin(2x - phi)``, ``A (x - c)^3 + b``, a Gaussian bump ``A exp(-(x - c)^2 / 2) + b``, a square wave
+#: ``A sign(sin(x - phi))`` and a hinge ``A relu(x - c) + b``
+EXTRA_MODES = ("sine2x", "cubic", "bump", "square", "hinge")
+ALL_MODES = MODES + EXTRA_MODES
 
 
-def multimodal_params(g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+def multimodal_params(g: torch.Generator, n: int, families: int = len(MODES)) -> tuple[Tensor, Tensor]:
     """MMAML's five function families (Vuorio et al. 2019), one family per task, drawn uniformly: sine
     ``A sin(x - phi)``, linear ``A x + b``, quadratic ``A (x - c)^2 + b``, l1-norm ``A |x - c| + b`` and tanh
-    ``A tanh(x - c) + b``; the parameter ranges are in :func:`_family_ranges`. Returns (mode (n,), params (n, 3))."""
-    mode = torch.randint(0, len(MODES), (n,), generator=g)
+    ``A tanh(x - c) + b``; the parameter ranges are in :func:`_family_ranges`. Returns (mode (n,), params (n, 3)).
+    ``families``: the first that many of :data:`ALL_MODES` (5, the default: MMAML's, the same draws as before the
+    option; 10 adds :data:`EXTRA_MODES`)."""
+    if not isinstance(families, int) or not 1 <= families <= len(ALL_MODES):
+        raise ValueError(f"families must be an integer in [1, {len(ALL_MODES)}], got {families!r}")
+    mode = torch.randint(0, families, (n,), generator=g)
     p = torch.empty(n, 3)
-    for m, (a, b, c) in enumerate(_family_ranges()):
+    for m, (a, b, c) in enumerate(_family_ranges()[:families]):
         idx = (mode == m).nonzero().flatten()
         k = idx.numel()
         p[idx] = torch.stack([_u(g, k, *a), _u(g, k, *b), _u(g, k, *c)], 1)
@@ -63,6 +72,11 @@ def _family_ranges() -> list[tuple[tuple[float, float], ...]]:
         ((-0.15, 0.15), (-3.0, 3.0), (-3.0, 3.0)),  # quadratic: A, b, c
         ((-3.0, 3.0), (-3.0, 3.0), (-3.0, 3.0)),  # l1-norm: A, b, c
         ((-3.0, 3.0), (-3.0, 3.0), (-3.0, 3.0)),  # tanh: A, b, c
+        ((0.1, 5.0), (0.0, math.pi), (0.0, 0.0)),  # sine2x: amplitude, phase
+        ((-0.02, 0.02), (-3.0, 3.0), (-2.0, 2.0)),  # cubic: A, b, c (|A (x - c)^3| <= 6.9 on [-5, 5])
+        ((-5.0, 5.0), (-1.0, 1.0), (-3.0, 3.0)),  # bump: A, b, c
+        ((0.1, 3.0), (0.0, math.pi), (0.0, 0.0)),  # square: amplitude, phase
+        ((-1.0, 1.0), (-3.0, 3.0), (-3.0, 3.0)),  # hinge: A, b, c
     ]
 
 
@@ -70,6 +84,9 @@ def multimodal(x: Tensor, mode: Tensor, p: Tensor) -> Tensor:
     A, b, c = p[:, :1], p[:, 1:2], p[:, 2:3]
     out = torch.stack([
         A * torch.sin(x - b), A * x + b, A * (x - c) ** 2 + b, A * (x - c).abs() + b, A * torch.tanh(x - c) + b,
+        # EXTRA_MODES (families > 5)
+        A * torch.sin(2 * x - b), A * (x - c) ** 3 + b, A * torch.exp(-0.5 * (x - c) ** 2) + b,
+        A * torch.sign(torch.sin(x - b)), A * torch.relu(x - c) + b,
     ], 0)  # (modes, n, points)
     return out[mode, torch.arange(x.shape[0])]
 
@@ -160,16 +177,20 @@ class MultimodalTasks(EpisodicDataModule):
     Args:
         noise_std: standard deviation of the observation noise (MMAML: 0.3); the query targets are noisy
             too, so ``noise_std**2`` is the floor of the query MSE.
+        families: how many function families (modes) tasks are drawn from: 5, MMAML's (the default), up to 10
+            (:data:`EXTRA_MODES` added in order); see :func:`multimodal_params`.
     """
 
-    def __init__(self, *, noise_std: float = 0.3, **kwargs) -> None:
+    def __init__(self, *, noise_std: float = 0.3, families: int = len(MODES), **kwargs) -> None:
         super().__init__(**kwargs)
         if not noise_std >= 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
-        self.noise_std = noise_std
+        if not isinstance(families, int) or not 1 <= families <= len(ALL_MODES):
+            raise ValueError(f"families must be an integer in [1, {len(ALL_MODES)}], got {families!r}")
+        self.noise_std, self.families = noise_std, families
 
     def sample_tasks(self, n: int, g: torch.Generator, split: str) -> Batch:
-        mode, p = multimodal_params(g, n)
+        mode, p = multimodal_params(g, n, self.families)
         x = _u(g, n * (self.shots + self.query), -5.0, 5.0).view(n, -1)
         y = multimodal(x, mode, p) + self.noise_std * torch.randn(x.shape, generator=g)
         return x[:, : self.shots, None], y[:, : self.shots], x[:, self.shots :, None], y[:, self.shots :]

@@ -108,3 +108,54 @@ def test_bench_controls_quick_other_paradigms(tmp_path):
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert data["markdown"] in r3.stdout and "| split-digits-ci | final_avg_acc | moe-growth | moe-growth-learned-router |" in r3.stdout
     assert "| continual | split-digits-ci | final_avg_acc | moe-growth-learned-router | moe-learned-routing |" in r3.stdout
+
+
+@pytest.mark.timeout(900)  # ~30 s on a quiet 2-core machine
+def test_bench_controls_quick_supervised_and_extra_attempts(tmp_path):
+    """The supervised paradigm (MoEClassifier against its dense trunk and hash router), meta's multimodal10 (10
+    function families) and the continual control matched in total parameters: records, pairing, verdicts."""
+    out = tmp_path / "controls.json"
+    cmd = [sys.executable, str(ROOT / "scripts/bench_controls.py"), "--quick", "--out", str(out),
+           "--paradigms", "supervised", "meta", "continual", "--meta-benchmarks", "multimodal10",
+           "--methods", "moe-mlp", "moe-mlp-dense-trunk", "moe-mlp-hash", "moe-maml", "moe-maml-dense-trunk",
+           "moe-maml-hash", "moe-growth", "moe-growth-one-expert-640"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    got = {(rec["benchmark"], rec["method"], rec["control"], rec["seed"]) for rec in data["records"]}
+    want = {("digits", "moe-mlp", None), ("digits", "moe-mlp-dense-trunk", "dense-same-trunk"),
+            ("digits", "moe-mlp-hash", "moe-fixed-routing"), ("multimodal10", "moe-maml", None),
+            ("multimodal10", "moe-maml-dense-trunk", "dense-same-trunk"), ("multimodal10", "moe-maml-hash", "moe-fixed-routing"),
+            ("split-digits-ci", "moe-growth", None), ("split-digits-ci", "moe-growth-one-expert-640", "dense-same-total-params")}
+    assert got == {(*w, s) for w in want for s in (0, 1)}
+    by = {rec["method"]: rec for rec in data["records"] if rec["seed"] == 0}
+    m, d, h = by["moe-mlp"], by["moe-mlp-dense-trunk"], by["moe-mlp-hash"]
+    assert 0 < m["active_params"] - d["active_params"] <= 8 * 64 + 8 and d["active_params"] == d["total_params"]
+    assert 0 < m["total_params"] - h["total_params"] <= 8 * 64 + 8 and m["higher_is_better"] and 0 <= m["value"] <= 1
+    # the total-parameter control holds what the grown network holds (five experts of hidden 128 vs one of 640)
+    g, big = by["moe-growth"], by["moe-growth-one-expert-640"]
+    assert big["num_experts"] == 1 and abs(g["total_params"] - big["total_params"]) <= 0.01 * g["total_params"]
+    effects = {(e["benchmark"], e["method"], e["control"]) for e in data["effects"]}
+    assert effects >= {("split-digits-ci", "moe-growth", "moe-growth-one-expert-640")}
+    assert {(b, mth) for b, mth, _ in effects} == {("digits", "moe-mlp"), ("multimodal10", "moe-maml"),
+                                                  ("split-digits-ci", "moe-growth")}
+    assert "| supervised | digits |" in data["markdown"]
+
+
+def test_multimodal_families_default_unchanged():
+    """MultimodalTasks(families=10) draws from ten families; the default (5) draws what it drew before the option."""
+    import torch
+
+    from moeparadigms.benchmarks import meta as M
+
+    g = torch.Generator().manual_seed(0)
+    mode, p = M.multimodal_params(g, 2000, families=10)
+    assert set(mode.tolist()) == set(range(10)) and len(M.ALL_MODES) == 10
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    mode5 = torch.randint(0, 5, (500,), generator=g1)
+    assert torch.equal(M.multimodal_params(g2, 500)[0], mode5)  # the default's draws: randint over 5 first
+    x = torch.linspace(-5, 5, 7).expand(2000, 7)
+    y = M.multimodal(x, mode, p)
+    assert y.shape == (2000, 7) and torch.isfinite(y).all() and y.abs().max() < 30
+    with pytest.raises(ValueError, match="families"):
+        M.MultimodalTasks(families=11)
