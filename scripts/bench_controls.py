@@ -80,6 +80,9 @@ CL_CONTROLS = {"moe-growth": ("moe-growth-one-expert", "moe-growth-learned-route
                "moe-growth-learned-router": ("moe-growth-one-expert",)}
 # supervised: MoEClassifier (configs/supervised/moe_mlp.yaml) on scikit-learn's digits
 SUP_CONTROLS = {"moe-mlp": ("moe-mlp-dense-trunk", "moe-mlp-hash")}
+SUP_VARIANTS = {"top1": dict(k=1)}  # an attempt: top-1 of the 8 experts (its dense trunk: one expert of hidden 128)
+for _v in SUP_VARIANTS:
+    SUP_CONTROLS[f"moe-mlp-{_v}"] = tuple(f"moe-mlp-{_v}-{c}" for c in ("dense-trunk", "hash"))
 # further comparisons of a method already compared above, each its own row (its controls run only when named in
 # --methods; the method's main row keeps its own controls and seeds): continual, one shared expert matched in TOTAL
 # parameters (hidden 640: 82,624 expert parameters against the grown five experts' 82,880) with the same inference
@@ -93,7 +96,8 @@ for _v in MT_VARIANTS:
     MT_CONTROLS[f"task-moe-{_v}"] = tuple(f"task-moe-{_v}-{c}" for c in ("dense-trunk", "hash", "task-only"))
 for _v in META_VARIANTS:
     META_CONTROLS[f"moe-maml-{_v}"] = tuple(f"moe-maml-{_v}-{c}" for c in ("dense-trunk", "hash"))
-ATTEMPTS = {m for g in (MT_CONTROLS, META_CONTROLS) for moe, cs in g.items() if moe not in ("task-moe", "moe-maml")
+ATTEMPTS = {m for g in (MT_CONTROLS, META_CONTROLS, SUP_CONTROLS) for moe, cs in g.items()
+            if moe not in ("task-moe", "moe-maml", "moe-mlp")
             for m in (moe, *cs)} | {c for extra in EXTRA_COMPARISONS.values() for _, cs in extra for c in cs}
 CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS,
             "supervised": SUP_CONTROLS}
@@ -320,6 +324,10 @@ def run_supervised(job: dict) -> dict:
     torch.set_num_threads(1)
     b, seed, method = job["budget"], job["seed"], job["method"]
     D, E, H, k = 64, 8, 128, 2
+    for v, extra in SUP_VARIANTS.items():  # an attempt: its top_k, then the base method names
+        if method.startswith(f"moe-mlp-{v}"):
+            k = extra["k"]
+            method = "moe-mlp" + method[len(f"moe-mlp-{v}"):]
     pl.seed_everything(seed, verbose=False)
     if method == "moe-mlp":
         router = TopKRouter(d_model=D, num_experts=E, top_k=k)
