@@ -139,7 +139,7 @@ def test_autocast_grouped_mm_path_gathers_rows(kind, monkeypatch):
     E, k, T, d = 4, 2, 24, 16  # grouped_mm wants 16-byte strides: bf16 rows of 16
     bank = (MLPExperts(d_model=d, hidden=d, num_experts=E, activation="gelu") if kind == "mlp-gelu"
             else GLUExperts(d_model=d, hidden=d, num_experts=E, bias=True))
-    moe = MoE(router=TopKRouter(d_model=d, num_experts=E, top_k=k), experts=bank)
+    moe = MoE(router=TopKRouter(d_model=d, num_experts=E, top_k=k), experts=bank, dense_dispatch=False)  # the sorted path
     x = torch.randn(T, d, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = moe(x).y.float()  # the fused CPU kernel (or the loop) on bf16 rows
