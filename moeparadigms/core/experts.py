@@ -170,8 +170,9 @@ class _StackedExperts(Experts):
 
     def forward_gathered(self, x_TD: Tensor, perm: TopKPermutation) -> Tensor:
         """Same as ``forward(permute_topk(x_TD, perm), perm.counts_E)``, without keeping the sorted copy
-        of the input alive for the backward (the CPU kernel gathers it again)."""
-        if self.backend == "autograd" or self._use_grouped_mm(x_TD):
+        of the input alive for the backward (the CPU kernel gathers it again; the grouped_mm path gathers in
+        ``_forward``, after any autocast cast)."""
+        if self.backend == "autograd":
             return super().forward_gathered(x_TD, perm)
         return self._cast_and_run(x_TD, perm.counts_E, perm)
 
