@@ -22,7 +22,13 @@ Paradigms (``--paradigms``, default all):
 * ``rl``: PPO on CartPole-v1 and Acrobot-v1 (SB3 zoo settings, 100k steps, 10 seeds), metric: final return (mean
   of the last 20 episodes). ``ppo-moe`` (residual top-2 of 4 experts) against ``ppo-moe-dense-trunk``
   (``dense-same-trunk``) and ``ppo-moe-hash`` (``moe-fixed-routing``); ``ppo-soft-moe`` against Sokar et al.'s
-  ``ppo-soft-moe-one-expert`` (``single-scaled-expert``). The methods are defined in ``scripts/bench_rl.py``.
+  ``ppo-soft-moe-one-expert`` (``single-scaled-expert``). Multi-task RL on ``cartpole-mt`` (four CartPole physics,
+  per-task heads; metric: the mean over tasks of each task's last 20 episodes, ``final_return_task_mean``):
+  ``ppo-moe-task-learned`` (top-1 of 4 experts of hidden 32, a learned gate over the token and a task embedding)
+  against ``ppo-moe-task`` (``moe-task-only``: the task id alone), ``ppo-moe-task-hash`` and
+  ``ppo-moe-task-dense-trunk`` (one expert of hidden 32); ``ppo-moe-task`` is compared in its turn with the last
+  two. The task-routed methods run only on the suite, the others only on the single envs. The methods are defined
+  in ``scripts/bench_rl.py``.
 * ``multitask``: Task-MoE (configs/multitask/task_moe.yaml: residual block of width 32, 8 experts of hidden 21,
   top-2, task embedding concatenated into the gate) on the MMoE synthetic data at p=0.5 and p=0.1 (the harder
   conflict), trained as scripts/bench_multitask.py trains it (4,000 samples, 30 epochs, batch 128, lr 1e-2),
@@ -102,7 +108,8 @@ ATTEMPTS = {m for g in (MT_CONTROLS, META_CONTROLS, SUP_CONTROLS) for moe, cs in
 CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS,
             "supervised": SUP_CONTROLS}
 CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-fixed-routing",
-                "ppo-soft-moe-one-expert": "single-scaled-expert",
+                "ppo-soft-moe-one-expert": "single-scaled-expert", "ppo-moe-task": "moe-task-only",
+                "ppo-moe-task-hash": "moe-fixed-routing", "ppo-moe-task-dense-trunk": "dense-same-trunk",
                 "task-moe-dense-trunk": "dense-same-trunk", "task-moe-hash": "moe-fixed-routing",
                 "task-moe-task-only": "moe-task-only",
                 "moe-maml-dense-trunk": "dense-same-trunk", "moe-maml-hash": "moe-fixed-routing",
@@ -143,8 +150,10 @@ def rl_record(rec: dict) -> dict | list[dict]:
     steps until the running mean of 20 episodes first reaches bench_rl's threshold, censored at the budget (the
     value is the budget when it never does; ``reached`` says which)."""
     env, steps = rec["env"], rec["steps"]
+    suite = env in bench_rl.SUITES  # multi-task: the mean over tasks of each task's last 20 episodes
     base = {"paradigm": "rl", "benchmark": env, "method": rec["method"], "control": CONTROL_KIND.get(rec["method"]),
-            "seed": rec["seed"], "metric": "final_return", "higher_is_better": True, "value": rec["final_return"],
+            "seed": rec["seed"], "metric": "final_return_task_mean" if suite else "final_return", "higher_is_better": True,
+            "value": rec["final_return_task_mean" if suite else "final_return"],
             "wall_s": rec["wall_s"], "active_params": rec["active_params"], "steps": steps}
     if steps == bench_rl.STEPS[env]:
         return base
@@ -363,10 +372,10 @@ def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str],
     mode = "quick" if quick else "full"
     n = seeds or SEEDS[mode][paradigm]
     ms = [m for m in METHODS[paradigm] if m in methods]
-    if paradigm == "rl":
-        es, steps = (["CartPole-v1"], 1_000) if quick else (envs, rl_steps)
+    if paradigm == "rl":  # the task-routed methods run on the multi-task suite, the others on the single envs
+        es, steps = (["CartPole-v1", "cartpole-mt"], 1_000) if quick else (envs, rl_steps)
         return [dict(paradigm="rl", env=e, seed=s, method=m, steps=steps or bench_rl.STEPS[e])
-                for e in es for s in range(n) for m in ms]
+                for e in es for s in range(n) for m in ms if (m in bench_rl.TASK_METHODS) == (e in bench_rl.SUITES)]
     if paradigm == "multitask":
         return [dict(paradigm=paradigm, benchmark=f"mmoe-synthetic-p{p}", p=p, seed=s, method=m, budget=MT_BUDGET[mode])
                 for p in mt_p for s in range(n) for m in ms]
@@ -493,8 +502,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run of every paradigm (seconds each): tiny budgets, 2 seeds, RL on CartPole for 1,000 steps")
     ap.add_argument("--paradigms", nargs="+", default=list(PARADIGMS), choices=list(PARADIGMS))
-    ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1"], choices=["CartPole-v1", "Acrobot-v1"],
-                    help="rl's environments")
+    ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "cartpole-mt"],
+                    choices=["CartPole-v1", "Acrobot-v1", "cartpole-mt"],
+                    help="rl's environments (cartpole-mt: the multi-task suite, where the task-routed methods run)")
     ap.add_argument("--rl-steps", type=int, default=None,
                     help="rl's budget (default the zoo's 100k); another budget is benchmark <env>@<k>k and adds the "
                          "steps-to-threshold metric")

@@ -50,9 +50,18 @@ SUITE_METHODS = ("ppo-dense-multihead", "ppo-moe-task")
 #     expert parameters); ppo-moe-hash: ppo-moe's 4 experts under a fixed random-projection (hash) router, top-2;
 #   ppo-soft-moe: Soft MoE (4 tokens of 16 per sample, 4 experts x 1 slot); ppo-soft-moe-one-expert: Sokar et al.'s
 #     control, the same tokenisation and 4 slots into one expert scaled to the 4 experts' parameters (hidden 256)
-CONTROLS = {"ppo-moe": ("ppo-moe-dense-trunk", "ppo-moe-hash"), "ppo-soft-moe": ("ppo-soft-moe-one-expert",)}
+#   multi-task suites (cartpole-mt): ppo-moe-task-learned: ppo-moe-task's 4 experts of hidden 32, top-1, under a
+#     learned gate that sees the token and a task embedding (TaskConditionedRouter(conditioning="concat")), against
+#     ppo-moe-task (routing by the task id alone: moe-task-only), ppo-moe-task-hash (the hash router, top-1) and
+#     ppo-moe-task-dense-trunk (one expert of hidden 32 = top-1 x 32, the active expert parameters); ppo-moe-task is
+#     also compared in its turn with the last two (does routing by the task id alone beat fixed or no routing?)
+CONTROLS = {"ppo-moe": ("ppo-moe-dense-trunk", "ppo-moe-hash"), "ppo-soft-moe": ("ppo-soft-moe-one-expert",),
+            "ppo-moe-task-learned": ("ppo-moe-task", "ppo-moe-task-hash", "ppo-moe-task-dense-trunk"),
+            "ppo-moe-task": ("ppo-moe-task-dense-trunk", "ppo-moe-task-hash")}
 CONTROL_METHODS = tuple(dict.fromkeys(m for moe, controls in CONTROLS.items() for m in (moe, *controls)))
 ALL_METHODS = tuple(dict.fromkeys(METHODS + SUITE_METHODS + CONTROL_METHODS))
+# the methods that need a multi-task suite (per-task heads, a task id to route by) and run only there
+TASK_METHODS = ("ppo-dense-multihead", "ppo-moe-task", "ppo-moe-task-learned", "ppo-moe-task-hash", "ppo-moe-task-dense-trunk")
 # rl-baselines3-zoo hyperparams/ppo.yml; lr_linear: the zoo's lin_ learning rate and clip range (CartPole), our
 # anneal_lr + anneal_clip. VecNormalize (Acrobot, MiniGrid) is our norm_obs + norm_reward.
 ZOO = {
@@ -166,6 +175,13 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
         network = "moe"
         moe = MoE(router=TaskConditionedRouter(d_model=64, num_experts=4, num_tasks=num_tasks, top_k=1, conditioning="task_only"),
                   experts=MLPExperts(d_model=64, hidden=32, num_experts=4), load_balance_coef=0.01)
+    if method in ("ppo-moe-task-learned", "ppo-moe-task-hash", "ppo-moe-task-dense-trunk"):  # issue 14's controls
+        network = "moe"
+        e = 1 if method == "ppo-moe-task-dense-trunk" else 4
+        router = {"ppo-moe-task-learned": lambda: TaskConditionedRouter(d_model=64, num_experts=4, num_tasks=num_tasks, top_k=1),
+                  "ppo-moe-task-hash": lambda: HashRouter(d_model=64, num_experts=4, top_k=1, seed=seed),
+                  "ppo-moe-task-dense-trunk": lambda: TopKRouter(d_model=64, num_experts=1, top_k=1)}[method]()
+        moe = MoE(router=router, experts=MLPExperts(d_model=64, hidden=32, num_experts=e), load_balance_coef=0.01)
     model = TimedPPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
                 update_epochs=z["n_epochs"], minibatch_size=z["batch_size"], clip_coef=z["clip"], ent_coef=z["ent_coef"],
                 lr=z["lr"], anneal_lr=z["lr_linear"], anneal_clip=z["lr_linear"], norm_obs=z["normalize"],
@@ -419,12 +435,12 @@ def main() -> None:
     def methods_for(env: str) -> list[str]:
         if args.methods is None:
             return list(SUITE_METHODS if env in SUITES else METHODS)
-        fits = [m for m in args.methods if (m in SUITE_METHODS) == (env in SUITES)]
+        fits = [m for m in args.methods if (m in TASK_METHODS) == (env in SUITES)]
         if not fits:  # a method that cannot run on an env is an error, never a silently shorter run
             kind = "a multi-task suite" if env in SUITES else "a single env"
             ap.error(f"--methods {' '.join(args.methods)}: none runs on {env} ({kind}); "
                      f"{'suites take' if env in SUITES else 'single envs take'} "
-                     f"{', '.join(SUITE_METHODS if env in SUITES else [m for m in ALL_METHODS if m not in SUITE_METHODS])}")
+                     f"{', '.join(TASK_METHODS if env in SUITES else [m for m in ALL_METHODS if m not in TASK_METHODS])}")
         return fits
 
     jobs = [dict(env=e, seed=s, method=m, steps=2_000 if args.quick else args.steps or STEPS[e])

@@ -159,3 +159,44 @@ def test_multimodal_families_default_unchanged():
     assert y.shape == (2000, 7) and torch.isfinite(y).all() and y.abs().max() < 30
     with pytest.raises(ValueError, match="families"):
         M.MultimodalTasks(families=11)
+
+
+TASK_RL = {"ppo-moe-task-learned": None, "ppo-moe-task": "moe-task-only", "ppo-moe-task-hash": "moe-fixed-routing",
+           "ppo-moe-task-dense-trunk": "dense-same-trunk"}
+
+
+def test_rl_task_methods_run_only_on_the_suite():
+    """The task-routed methods (learned, task-only, hash, dense trunk) pair with the multi-task suite; the others
+    with the single envs: the default RL jobs never put a task head network on CartPole-v1 or ppo-moe on the suite."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_controls as bc
+
+    jobs = bc.make_jobs("rl", False, 2, list(bc.DEFAULT_METHODS), ["CartPole-v1", "cartpole-mt"], [])
+    on = {e: {j["method"] for j in jobs if j["env"] == e} for e in ("CartPole-v1", "cartpole-mt")}
+    assert on["cartpole-mt"] == set(TASK_RL)
+    assert on["CartPole-v1"] == {"ppo-moe", "ppo-moe-dense-trunk", "ppo-moe-hash", "ppo-soft-moe", "ppo-soft-moe-one-expert"}
+    assert bc.CONTROLS["rl"]["ppo-moe-task-learned"] == ("ppo-moe-task", "ppo-moe-task-hash", "ppo-moe-task-dense-trunk")
+
+
+@pytest.mark.timeout(900)  # ~30 s on a quiet 2-core machine
+def test_bench_controls_quick_multitask_rl(tmp_path):
+    """Multi-task RL (cartpole-mt): learned task-conditioned routing against routing by the task id alone, the hash
+    router and the dense trunk; metric: the mean over tasks of each task's final return."""
+    out = tmp_path / "controls.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_controls.py"), "--quick", "--out", str(out),
+                        "--paradigms", "rl", "--methods", *TASK_RL], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    recs = [rec for rec in data["records"] if rec["metric"] == "final_return_task_mean"]
+    assert {(rec["benchmark"], rec["method"], rec["control"], rec["seed"]) for rec in recs} == {
+        ("cartpole-mt@1k", m, c, s) for m, c in TASK_RL.items() for s in (0, 1)}
+    assert all(rec["higher_is_better"] and rec["value"] > 0 for rec in recs)
+    active = {rec["method"]: rec["active_params"] for rec in recs}
+    # top-1 of 4 experts of hidden 32 against one expert of hidden 32: equal up to the routers' weights
+    for m in ("ppo-moe-task", "ppo-moe-task-hash", "ppo-moe-task-learned"):
+        assert abs(active[m] - active["ppo-moe-task-dense-trunk"]) <= 64 * 4 + 4 * 16 + 16 * 4  # the learned gate's
+    effects = {(e["method"], e["control"]) for e in data["effects"] if e["metric"] == "final_return_task_mean"}
+    assert {m for m, _ in effects} == {"ppo-moe-task-learned", "ppo-moe-task"}
+    per = {(e["method"], e["control"]) for e in data["effects_per_control"] if e["metric"] == "final_return_task_mean"}
+    assert per == {("ppo-moe-task-learned", c) for c in ("ppo-moe-task", "ppo-moe-task-hash", "ppo-moe-task-dense-trunk")} | {
+        ("ppo-moe-task", c) for c in ("ppo-moe-task-hash", "ppo-moe-task-dense-trunk")}
