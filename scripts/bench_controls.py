@@ -74,7 +74,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rl  # noqa: E402  (the RL methods, the zoo settings and one run)
 
-from moeparadigms.benchmarks.stats import effects_table, rl_aggregate, routing_effect  # noqa: E402
+from moeparadigms.benchmarks.stats import bonferroni_level, effects_table, rl_aggregate, routing_effect  # noqa: E402
 
 PARADIGMS = ("rl", "multitask", "meta", "continual", "supervised")
 # each paradigm's MoE methods and their controls (rl: bench_rl.CONTROLS)
@@ -404,7 +404,7 @@ def _iqm(scores_json: str) -> dict:
 
 
 def summarise(records: list[dict], verbose: bool = True) -> dict:
-    effects, per_control, iqm, tables = [], [], {}, {}
+    effects, per_control, iqm, tables, compared = [], [], {}, {}, []
     for (paradigm, bench, metric) in dict.fromkeys((r["paradigm"], r["benchmark"], r["metric"]) for r in records):
         recs = [r for r in records if (r["paradigm"], r["benchmark"], r["metric"]) == (paradigm, bench, metric)
                 and r["value"] is not None]
@@ -421,6 +421,7 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
                     print(f"{bench}/{method}: {e}", file=sys.stderr)
                 continue
             effects.append(effect)
+            compared.append((mine, method, list(controls)))
             tables.setdefault(paradigm, []).append(effect)
             if len(controls) > 1:  # and against each control alone (the best one is picked on the same seeds)
                 for c in controls:
@@ -437,7 +438,16 @@ def summarise(records: list[dict], verbose: bool = True) -> dict:
     # one table, each paradigm's rows with its metric's digits
     parts = [effects_table(es, digits=DIGITS.get(p, 3)).splitlines() for p, es in tables.items()]
     rows = parts[0] + [row for part in parts[1:] for row in part[2:]] if parts else []
-    return {"effects": [e.as_dict() for e in effects], "effects_per_control": [e.as_dict() for e in per_control],
+    # multiplicity: each paradigm's rows (its MoE methods and attempts, each against its best control) are one
+    # family; the same differences with Bonferroni intervals at the family-wise 95 % level
+    family = {p: len(es) for p, es in tables.items()}
+    out = []
+    for e, (mine, method, controls) in zip(effects, compared):
+        m = family[e.paradigm]
+        adj = routing_effect(mine, method=method, controls=controls, level=bonferroni_level(m))
+        out.append({**e.as_dict(), "family_size": m, "ci_low_adjusted": adj.ci_low, "ci_high_adjusted": adj.ci_high,
+                    "verdict_adjusted": adj.verdict})
+    return {"effects": out, "effects_per_control": [e.as_dict() for e in per_control],
             "iqm": iqm, "markdown": "\n".join(rows)}
 
 
@@ -447,7 +457,19 @@ def report(data: dict) -> str:
     import numpy as np
 
     digits = {(e["paradigm"], e["benchmark"], e["metric"]): DIGITS.get(e["paradigm"], 3) for e in data["effects"]}
-    out = ["Best control per MoE method:", "", data["markdown"], "", "Against each control alone:", "",
+    out = ["Best control per MoE method:", "", data["markdown"], "",
+           "The same rows corrected for multiple comparisons: each paradigm's rows are one family of m comparisons, "
+           "each interval at the Bonferroni level 1 - 0.05/m (family-wise 95 %):", "",
+           "| paradigm | benchmark | metric | MoE | best control | m | MoE - control [Bonferroni CI] | verdict: 95 % -> adjusted |",
+           "|---|---|---|---|---|---|---|---|"]
+    for e in data["effects"]:
+        if "family_size" not in e:  # a JSON written before the correction: rerun --report after any --resume
+            continue
+        f = f"{{:.{digits[(e['paradigm'], e['benchmark'], e['metric'])]}f}}".format
+        out.append(f"| {e['paradigm']} | {e['benchmark']} | {e['metric']} | {e['method']} | {e['control']} | "
+                   f"{e['family_size']} | {f(e['diff'])} [{f(e['ci_low_adjusted'])}, {f(e['ci_high_adjusted'])}] | "
+                   f"{e['verdict']} -> {e['verdict_adjusted']} |")
+    out += ["", "Against each control alone:", "",
            "| benchmark | metric | MoE | control | MoE - control [95% CI] | seeds | verdict |", "|---|---|---|---|---|---|---|"]
     for e in data["effects_per_control"]:
         f = f"{{:.{digits.get((e['paradigm'], e['benchmark'], e['metric']), 3)}f}}".format

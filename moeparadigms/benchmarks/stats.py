@@ -54,6 +54,17 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10
     return float(d.mean()), float(lo), float(hi)
 
 
+def bonferroni_level(m: int, level: float = 0.95) -> float:
+    """The interval level that keeps the family-wise level ``level`` over ``m`` comparisons (Bonferroni): each
+    interval at ``1 - (1 - level) / m``, so that the chance that any of the ``m`` excludes a true zero is at most
+    ``1 - level``."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m (the number of comparisons) must be an int >= 1, got {m!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    return 1 - (1 - level) / m
+
+
 def verdict(lo: float, hi: float, higher_is_better: bool) -> Verdict:
     """``helps`` when the interval of ``MoE - control`` lies wholly on the metric's good side of zero, ``hurts``
     when wholly on the bad side, ``no evidence`` when it contains zero."""

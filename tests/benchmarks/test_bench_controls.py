@@ -36,6 +36,8 @@ def test_bench_controls_quick(tmp_path):
     for effect in data["effects"]:
         assert effect["method"] == "ppo-moe" and effect["control"] in ("ppo-moe-dense-trunk", "ppo-moe-hash")
         assert effect["ci_low"] <= effect["diff"] <= effect["ci_high"] and effect["verdict"] in ("helps", "hurts", "no evidence")
+        # the paradigm's rows are one family (here 2: the final return and the steps): Bonferroni intervals, wider
+        assert effect["family_size"] == 2 and effect["ci_low_adjusted"] <= effect["ci_low"] <= effect["ci_high"] <= effect["ci_high_adjusted"]
     assert "| rl | CartPole-v1@1k |" in data["markdown"] and "IQM" in r.stdout
     # --resume runs nothing new when every run is there
     r2 = subprocess.run([sys.executable, str(ROOT / "scripts/bench_controls.py"), "--quick", "--resume", "--out", str(out),

@@ -4,7 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeparadigms.benchmarks.stats import effects_table, paired_bootstrap, rl_aggregate, routing_effect, verdict
+from moeparadigms.benchmarks.stats import (
+    bonferroni_level,
+    effects_table,
+    paired_bootstrap,
+    rl_aggregate,
+    routing_effect,
+    verdict,
+)
 
 
 def _records(values: dict[str, list[float]], controls: set[str], higher: bool = True) -> list[dict]:
@@ -54,6 +61,23 @@ def test_routing_effect_picks_the_best_control_on_the_common_seeds():
     low = routing_effect(_records({"moe": [1.0, 1.1, 1.2], "c1": [2.0, 2.1, 2.2], "c2": [1.5, 1.6, 1.7]}, {"c1", "c2"},
                                   higher=False), method="moe", n_boot=500)
     assert low.control == "c2" and low.diff == pytest.approx(-0.5) and low.verdict == "helps"
+
+
+def test_bonferroni_widens_the_interval_and_can_overturn_a_verdict():
+    assert bonferroni_level(1) == pytest.approx(0.95) and bonferroni_level(10) == pytest.approx(0.995)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.6, 1.0, 10), rng.normal(0.0, 1.0, 10)
+    _, lo, hi = paired_bootstrap(a, b, seed=1)
+    _, lo5, hi5 = paired_bootstrap(a, b, seed=1, level=bonferroni_level(5))
+    _, lo20, hi20 = paired_bootstrap(a, b, seed=1, level=bonferroni_level(20))
+    assert lo20 <= lo5 <= lo and hi <= hi5 <= hi20  # the same resamples, wider quantiles
+    # a difference that is clear alone but not over 20 comparisons (5 seeds, noisy gain)
+    recs = _records({"moe": [1.0, 1.3, 0.9, 1.4, 1.1], "c": [0.9, 0.8, 1.0, 0.95, 0.85]}, {"c"})
+    one, many = (routing_effect(recs, method="moe", level=lvl) for lvl in (0.95, bonferroni_level(20)))
+    assert one.verdict == "helps" and many.verdict == "no evidence" and many.diff == one.diff
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="m \\(the number of comparisons\\)"):
+            bonferroni_level(bad)
 
 
 def test_routing_effect_refuses_what_it_cannot_pair():
