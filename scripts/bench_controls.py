@@ -104,7 +104,8 @@ for _v in META_VARIANTS:
     META_CONTROLS[f"moe-maml-{_v}"] = tuple(f"moe-maml-{_v}-{c}" for c in ("dense-trunk", "hash"))
 ATTEMPTS = {m for g in (MT_CONTROLS, META_CONTROLS, SUP_CONTROLS) for moe, cs in g.items()
             if moe not in ("task-moe", "moe-maml", "moe-mlp")
-            for m in (moe, *cs)} | {c for extra in EXTRA_COMPARISONS.values() for _, cs in extra for c in cs}
+            for m in (moe, *cs)} | {c for extra in EXTRA_COMPARISONS.values() for _, cs in extra for c in cs} | set(
+    bench_rl.ATTEMPT_METHODS)
 CONTROLS = {"rl": bench_rl.CONTROLS, "multitask": MT_CONTROLS, "meta": META_CONTROLS, "continual": CL_CONTROLS,
             "supervised": SUP_CONTROLS}
 CONTROL_KIND = {"ppo-moe-dense-trunk": "dense-same-trunk", "ppo-moe-hash": "moe-fixed-routing",
@@ -235,10 +236,11 @@ def run_meta(job: dict) -> dict:
     torch.set_num_threads(1)
     b, seed, method = job["budget"], job["seed"], job["method"]
     pl.seed_everything(seed, workers=True, verbose=False)
-    bench = "multimodal" if job["benchmark"] in META_EXTRA else job["benchmark"]  # its class and inner lr
+    base = job["benchmark"].split("@")[0]  # "<benchmark>@<N>it": another meta-training length (--meta-iters)
+    bench = "multimodal" if base in META_EXTRA else base  # its class and inner lr
     dm = getattr(M, bench_meta.BENCHMARKS[bench])(
         shots=b["K"], query=b["query"], meta_batch_size=b["meta_batch"], meta_iterations=b["iters"],
-        num_test_tasks=b["tasks"], eval_batch_size=100, seed=seed, **META_EXTRA.get(job["benchmark"], {}))
+        num_test_tasks=b["tasks"], eval_batch_size=100, seed=seed, **META_EXTRA.get(base, {}))
     pl.seed_everything(seed, workers=True, verbose=False)
     D, E, H, k = 32, 4, 32, 2  # bench_meta's moe-maml block
     for v, extra in META_VARIANTS.items():  # an attempt: more experts / another top_k, then the base method names
@@ -367,7 +369,8 @@ RUNNERS = {"rl": lambda job: rl_record(bench_rl.run_one(job)), "multitask": run_
 
 
 def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str], envs: list[str],
-              meta_benchmarks: list[str], rl_steps: int | None = None, mt_p: tuple[float, ...] = MT_P) -> list[dict]:
+              meta_benchmarks: list[str], rl_steps: int | None = None, mt_p: tuple[float, ...] = MT_P,
+              meta_iters: int | None = None) -> list[dict]:
     """One paradigm's runs, the methods interleaved per seed (the same machine load for a method and its controls)."""
     mode = "quick" if quick else "full"
     n = seeds or SEEDS[mode][paradigm]
@@ -379,8 +382,10 @@ def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str],
     if paradigm == "multitask":
         return [dict(paradigm=paradigm, benchmark=f"mmoe-synthetic-p{p}", p=p, seed=s, method=m, budget=MT_BUDGET[mode])
                 for p in mt_p for s in range(n) for m in ms]
-    if paradigm == "meta":
-        return [dict(paradigm=paradigm, benchmark=b, seed=s, method=m, budget=META_BUDGET[mode])
+    if paradigm == "meta":  # another meta-training length is its own benchmark, "<benchmark>@<N>it"
+        budget = META_BUDGET[mode] if meta_iters is None else {**META_BUDGET[mode], "iters": meta_iters}
+        tag = "" if meta_iters is None else f"@{meta_iters}it"
+        return [dict(paradigm=paradigm, benchmark=b + tag, seed=s, method=m, budget=budget)
                 for b in meta_benchmarks for s in range(n) for m in ms]
     if paradigm == "supervised":
         return [dict(paradigm=paradigm, benchmark="digits", seed=s, method=m, budget=SUP_BUDGET[mode])
@@ -533,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--meta-benchmarks", nargs="+", default=["sinusoid"], choices=["sinusoid", "multimodal", *META_EXTRA],
                     help="meta's benchmarks; multimodal10: multimodal regression over 10 function families "
                          "(MultimodalTasks(families=10)) instead of MMAML's 5")
+    ap.add_argument("--meta-iters", type=int, default=None,
+                    help="meta-training iterations (default 500; another count is benchmark <benchmark>@<N>it)")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per paradigm (default: " + ", ".join(f"{p} {n}" for p, n in SEEDS["full"].items()) + ")")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(ALL_METHODS),
@@ -544,12 +551,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="add the records of these JSONs (runs made in parallel into other --out files) before running")
     ap.add_argument("--resume", action="store_true", help="keep the records --out already holds and run the rest")
     args = ap.parse_args(argv)
+    if args.meta_iters is not None and args.meta_iters < 1:
+        ap.error(f"--meta-iters must be at least 1, got {args.meta_iters}")
     if args.report:
         print(report(json.loads(args.out.read_text())))
         return
     jobs = [j for p in args.paradigms
             for j in make_jobs(p, args.quick, args.seeds, args.methods, args.envs, args.meta_benchmarks, args.rl_steps,
-                               tuple(args.mt_p))]
+                               tuple(args.mt_p), args.meta_iters)]
     records: list[dict] = []
     runs: list[dict] = []
     if args.resume and args.out.is_file():

@@ -58,6 +58,13 @@ SUITE_METHODS = ("ppo-dense-multihead", "ppo-moe-task")
 CONTROLS = {"ppo-moe": ("ppo-moe-dense-trunk", "ppo-moe-hash"), "ppo-soft-moe": ("ppo-soft-moe-one-expert",),
             "ppo-moe-task-learned": ("ppo-moe-task", "ppo-moe-task-hash", "ppo-moe-task-dense-trunk"),
             "ppo-moe-task": ("ppo-moe-task-dense-trunk", "ppo-moe-task-hash")}
+# issue 14's attempts (run by bench_controls only when named): more experts and top-1 in the residual block.
+# ppo-moe-8e: 8 experts of hidden 64, top-2 (its dense trunk is ppo-moe's, one expert of hidden 128: the same active
+# parameters, the same run); ppo-moe-top1: ppo-moe's 4 experts, top-1 (its dense trunk: one expert of hidden 64)
+RL_VARIANTS = {"8e": dict(num_experts=8, top_k=2), "top1": dict(num_experts=4, top_k=1)}
+CONTROLS.update({"ppo-moe-8e": ("ppo-moe-dense-trunk", "ppo-moe-8e-hash"),
+                 "ppo-moe-top1": ("ppo-moe-top1-dense-trunk", "ppo-moe-top1-hash")})
+ATTEMPT_METHODS = ("ppo-moe-8e", "ppo-moe-8e-hash", "ppo-moe-top1", "ppo-moe-top1-dense-trunk", "ppo-moe-top1-hash")
 CONTROL_METHODS = tuple(dict.fromkeys(m for moe, controls in CONTROLS.items() for m in (moe, *controls)))
 ALL_METHODS = tuple(dict.fromkeys(METHODS + SUITE_METHODS + CONTROL_METHODS))
 # the methods that need a multi-task suite (per-task heads, a task id to route by) and run only there
@@ -166,6 +173,17 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
         network = "moe"
         moe = MoE(router=HashRouter(d_model=64, num_experts=4, top_k=2, seed=seed),
                   experts=MLPExperts(d_model=64, hidden=64, num_experts=4))
+    variant = next((v for v in RL_VARIANTS if method.startswith(f"ppo-moe-{v}")), None)
+    if variant is not None:  # the attempts: ppo-moe's block with another expert count / top_k, and its controls
+        network, v = "moe", RL_VARIANTS[variant]
+        E, k = v["num_experts"], v["top_k"]
+        if method.endswith("-dense-trunk"):
+            moe = MoE(router=TopKRouter(d_model=64, num_experts=1, top_k=1), experts=MLPExperts(d_model=64, hidden=64 * k, num_experts=1))
+        else:
+            router = (HashRouter(d_model=64, num_experts=E, top_k=k, seed=seed) if method.endswith("-hash")
+                      else TopKRouter(d_model=64, num_experts=E, top_k=k))
+            moe = MoE(router=router, experts=MLPExperts(d_model=64, hidden=64, num_experts=E),
+                      **({} if method.endswith("-hash") else dict(load_balance_coef=0.01, z_loss_coef=0.001)))
     if method in ("ppo-soft-moe", "ppo-soft-moe-one-expert"):
         network = "soft_moe"
         e, hidden = (4, 64) if method == "ppo-soft-moe" else (1, 256)

@@ -202,3 +202,32 @@ def test_bench_controls_quick_multitask_rl(tmp_path):
     per = {(e["method"], e["control"]) for e in data["effects_per_control"] if e["metric"] == "final_return_task_mean"}
     assert per == {("ppo-moe-task-learned", c) for c in ("ppo-moe-task", "ppo-moe-task-hash", "ppo-moe-task-dense-trunk")} | {
         ("ppo-moe-task", c) for c in ("ppo-moe-task-hash", "ppo-moe-task-dense-trunk")}
+
+
+def test_rl_attempts_are_sized_to_their_controls(tmp_path):
+    """The RL attempts (8 experts top-2; 4 experts top-1) and their dense trunks run, with equal active parameters
+    up to the routers' weights; they are not in the default run."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_controls as bc
+
+    assert not set(bc.DEFAULT_METHODS) & {"ppo-moe-8e", "ppo-moe-8e-hash", "ppo-moe-top1", "ppo-moe-top1-dense-trunk"}
+    out = tmp_path / "rl.json"
+    methods = ["ppo-moe", "ppo-moe-8e", "ppo-moe-8e-hash", "ppo-moe-top1", "ppo-moe-top1-dense-trunk", "ppo-moe-top1-hash"]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_rl.py"), "--envs", "CartPole-v1", "--steps", "256",
+                        "--seeds", "1", "--methods", *methods, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    active = {rec["method"]: rec["active_params"] for rec in json.loads(out.read_text())["records"]}
+    assert set(active) == set(methods)
+    assert active["ppo-moe-8e"] - active["ppo-moe"] == 4 * 64  # 4 more router rows, the same two experts active
+    assert abs(active["ppo-moe-top1"] - active["ppo-moe-top1-dense-trunk"]) <= 4 * 64
+    assert active["ppo-moe-top1"] < active["ppo-moe"] and active["ppo-moe-top1-hash"] <= active["ppo-moe-top1"]
+
+
+def test_meta_iters_is_its_own_benchmark():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_controls as bc
+
+    jobs = bc.make_jobs("meta", False, 2, ["moe-maml-16e", "moe-maml-16e-hash"], [], ["multimodal"], meta_iters=2000)
+    assert {j["benchmark"] for j in jobs} == {"multimodal@2000it"} and all(j["budget"]["iters"] == 2000 for j in jobs)
+    assert {j["benchmark"] for j in bc.make_jobs("meta", False, 2, ["moe-maml"], [], ["sinusoid"])} == {"sinusoid"}
