@@ -50,6 +50,7 @@ BENCHMARKS = {
     "multitask": "bench_multitask.py",
     "meta": "bench_meta.py",
     "rl": "bench_rl.py",
+    "controls": "bench_controls.py",  # does routing help? every paradigm's MoE against its routing-free controls
 }
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
