@@ -501,13 +501,14 @@ def report(data: dict) -> str:
            if r["paradigm"] == "meta" and r.get("mse_after_1_step") is not None]
     for bench in dict.fromkeys(r["benchmark"] for r in one):
         for method, controls in META_CONTROLS.items():
-            for c in controls:
+            for cs in [[c] for c in controls] + [list(controls)]:  # each control alone, then the best of them
                 try:
-                    e = routing_effect([r for r in one if r["benchmark"] == bench and r["method"] in (method, c)],
-                                       method=method, controls=[c])
+                    e = routing_effect([r for r in one if r["benchmark"] == bench and r["method"] in (method, *cs)],
+                                       method=method, controls=cs)
                 except ValueError:  # not run on this benchmark
                     continue
-                out.append(f"| {bench} | {method}: {e.method_mean:.3f} | {c}: {e.control_mean:.3f} | {e.diff:.3f} "
+                label = f"{e.control}: {e.control_mean:.3f}" + (" (best)" if len(cs) > 1 else "")
+                out.append(f"| {bench} | {method}: {e.method_mean:.3f} | {label} | {e.diff:.3f} "
                            f"[{e.ci_low:.3f}, {e.ci_high:.3f}] | {len(e.seeds)} | {e.verdict} |")
     out += ["", "Invocations that wrote the JSON:", ""]
     out += [f"- `{run['command']}`: {run['wall_s'] / 60:.1f} min" for run in data.get("runs", [])]
