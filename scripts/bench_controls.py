@@ -74,7 +74,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rl  # noqa: E402  (the RL methods, the zoo settings and one run)
 
-from moeparadigms.benchmarks.stats import bonferroni_level, effects_table, rl_aggregate, routing_effect  # noqa: E402
+from moeparadigms.benchmarks.stats import bonferroni_level, effects_table, fmt, rl_aggregate, routing_effect  # noqa: E402
 
 PARADIGMS = ("rl", "multitask", "meta", "continual", "supervised")
 # each paradigm's MoE methods and their controls (rl: bench_rl.CONTROLS)
@@ -470,14 +470,14 @@ def report(data: dict) -> str:
     for e in data["effects"]:
         if "family_size" not in e:  # a JSON written before the correction: rerun --report after any --resume
             continue
-        f = f"{{:.{digits[(e['paradigm'], e['benchmark'], e['metric'])]}f}}".format
+        f = functools.partial(fmt, digits=digits[(e['paradigm'], e['benchmark'], e['metric'])])
         out.append(f"| {e['paradigm']} | {e['benchmark']} | {e['metric']} | {e['method']} | {e['control']} | "
                    f"{e['family_size']} | {f(e['diff'])} [{f(e['ci_low_adjusted'])}, {f(e['ci_high_adjusted'])}] | "
                    f"{e['verdict']} -> {e['verdict_adjusted']} |")
     out += ["", "Against each control alone:", "",
            "| benchmark | metric | MoE | control | MoE - control [95% CI] | seeds | verdict |", "|---|---|---|---|---|---|---|"]
     for e in data["effects_per_control"]:
-        f = f"{{:.{digits.get((e['paradigm'], e['benchmark'], e['metric']), 3)}f}}".format
+        f = functools.partial(fmt, digits=digits.get((e['paradigm'], e['benchmark'], e['metric']), 3))
         out.append(f"| {e['benchmark']} | {e['metric']} | {e['method']} | {e['control']} | {f(e['diff'])} "
                    f"[{f(e['ci_low'])}, {f(e['ci_high'])}] | {len(e['seeds'])} | {e['verdict']} |")
     out += ["", "Per method (mean ± std over seeds):", "",
@@ -487,7 +487,7 @@ def report(data: dict) -> str:
     for key in dict.fromkeys((r["paradigm"], r["benchmark"], r["metric"], r["method"]) for r in recs):
         rs = [r for r in recs if (r["paradigm"], r["benchmark"], r["metric"], r["method"]) == key]
         v = np.array([r["value"] for r in rs], dtype=float)
-        f = f"{{:.{DIGITS.get(key[0], 3)}f}}".format
+        f = functools.partial(fmt, digits=DIGITS.get(key[0], 3))
         total = rs[0].get("total_params")
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {rs[0]['control'] or '(MoE)'} | {f(v.mean())} ± "
                    f"{f(v.std(ddof=1) if len(v) > 1 else 0.0)} | {len(v)} | {rs[0]['active_params']:,} | "
@@ -507,9 +507,9 @@ def report(data: dict) -> str:
                                        method=method, controls=cs)
                 except ValueError:  # not run on this benchmark
                     continue
-                label = f"{e.control}: {e.control_mean:.3f}" + (" (best)" if len(cs) > 1 else "")
-                out.append(f"| {bench} | {method}: {e.method_mean:.3f} | {label} | {e.diff:.3f} "
-                           f"[{e.ci_low:.3f}, {e.ci_high:.3f}] | {len(e.seeds)} | {e.verdict} |")
+                label = f"{e.control}: {fmt(e.control_mean)}" + (" (best)" if len(cs) > 1 else "")
+                out.append(f"| {bench} | {method}: {fmt(e.method_mean)} | {label} | {fmt(e.diff)} "
+                           f"[{fmt(e.ci_low)}, {fmt(e.ci_high)}] | {len(e.seeds)} | {e.verdict} |")
     out += ["", "Invocations that wrote the JSON:", ""]
     out += [f"- `{run['command']}`: {run['wall_s'] / 60:.1f} min" for run in data.get("runs", [])]
     return "\n".join(out)

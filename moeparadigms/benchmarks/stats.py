@@ -146,15 +146,20 @@ def routing_effect(records: Iterable[Mapping[str, Any]], *, method: str, control
                   diff, lo, hi, means)
 
 
+def fmt(x: float, digits: int = 3) -> str:
+    """A table value: ``digits`` decimals, or 3 significant digits in exponent form when ``|x| >= 1e6`` (a diverged
+    run's 8.5e21 would otherwise print as 22 digits)."""
+    return f"{x:.3g}" if abs(x) >= 1e6 else f"{x:.{digits}f}"
+
+
 def effects_table(effects: Sequence[Effect], digits: int = 3) -> str:
     """The "Does routing help?" table (markdown)."""
-    f = f"{{:.{digits}f}}"
     rows = ["| paradigm | benchmark | metric | MoE | best control | MoE - control [95% CI] | seeds | verdict |",
             "|---|---|---|---|---|---|---|---|"]
     for e in effects:
+        m, c, d, lo, hi = (fmt(x, digits) for x in (e.method_mean, e.control_mean, e.diff, e.ci_low, e.ci_high))
         rows.append(f"| {e.paradigm} | {e.benchmark} | {e.metric} ({'higher' if e.higher_is_better else 'lower'} is "
-                    f"better) | {e.method}: {f.format(e.method_mean)} | {e.control}: {f.format(e.control_mean)} | "
-                    f"{f.format(e.diff)} [{f.format(e.ci_low)}, {f.format(e.ci_high)}] | {len(e.seeds)} | {e.verdict} |")
+                    f"better) | {e.method}: {m} | {e.control}: {c} | {d} [{lo}, {hi}] | {len(e.seeds)} | {e.verdict} |")
     return "\n".join(rows)
 
 

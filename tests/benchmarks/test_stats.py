@@ -7,6 +7,7 @@ import pytest
 from moeparadigms.benchmarks.stats import (
     bonferroni_level,
     effects_table,
+    fmt,
     paired_bootstrap,
     rl_aggregate,
     routing_effect,
@@ -108,3 +109,8 @@ def test_rl_aggregate_is_rliables_iqm_with_a_deterministic_interval():
     assert rl_aggregate(scores, reps=500) == out
     with pytest.raises(ValueError, match="runs >= 2"):
         rl_aggregate({"x": np.ones(5)})
+
+
+def test_table_values_switch_to_exponent_form_when_huge():
+    assert fmt(0.12345) == "0.123" and fmt(0.12345, 1) == "0.1" and fmt(-12.5, 1) == "-12.5"
+    assert fmt(8.517736e21) == "8.52e+21" and fmt(-2.5e6, 4) == "-2.5e+06" and fmt(999_999.0, 1) == "999999.0"
