@@ -268,7 +268,8 @@ def run_meta(job: dict) -> dict:
     wall, r = bench_meta.fit_and_test(model, dm)
     total = sum(p.numel() for p in model.net.parameters())
     return _record(job, "test_mse_after_10_steps", False, float(r["mean"][10]), wall, _active(total, moe), total,
-                   mse_before_adaptation=float(r["mean"][0]), mse_after_1_step=float(r["mean"][1]))
+                   mse_before_adaptation=float(r["mean"][0]), mse_after_1_step=float(r["mean"][1]),
+                   median_after_10_steps=float(r["median"][10]), diverged_tasks=r["diverged_tasks"])
 
 
 # ---------------------------------------------------------------------------------------------- continual

@@ -84,6 +84,9 @@ def test_bench_controls_quick_other_paradigms(tmp_path):
         assert m["total_params"] > 2 * m["active_params"] - d["active_params"]  # the MoE holds more than it uses
         # the fixed router learns nothing: the MoE's parameters less its router's
         assert h["total_params"] < m["total_params"] and m["total_params"] - h["total_params"] <= 400
+    # meta records keep the median and the count of test tasks whose adaptation diverged (the mean hides them)
+    assert all(isinstance(by[("sinusoid", m)]["diverged_tasks"], int) and by[("sinusoid", m)]["median_after_10_steps"] > 0
+               for m in ("moe-maml", "moe-maml-dense-trunk", "moe-maml-hash"))
     g, one = by[("split-digits-ci", "moe-growth")], by[("split-digits-ci", "moe-growth-one-expert")]
     assert g["num_experts"] == 5 and one["num_experts"] == 1 and abs(g["active_params"] - one["active_params"]) <= 64 * 4
     learned = by[("split-digits-ci", "moe-growth-learned-router")]  # the same grown network, another inference
