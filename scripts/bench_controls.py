@@ -3,8 +3,8 @@ paired by seed (issue 14).
 
 Records (``--out``, ``benchmarks/results/controls.json``): ``{"paradigm", "benchmark", "method", "control", "seed",
 "metric", "higher_is_better", "value"}`` (``control``: ``None`` for an MoE method, else the control's kind), plus
-``wall_s``, ``active_params`` and ``total_params`` (RL records: ``active_params`` and ``steps``; the others also
-``budget``, the run's settings). The summary (``effects``) is, per benchmark and MoE method,
+``wall_s``, ``active_params`` and ``total_params`` (RL: of the actor network; older RL records get ``total_params``
+from the rebuilt network, ``fill_rl_total_params``), RL records ``steps``, the others ``budget``, the run's settings. The summary (``effects``) is, per benchmark and MoE method,
 "routing effect = MoE - best control" with the 95% bootstrap interval of the seed-paired difference and a verdict
 (:mod:`moeparadigms.benchmarks.stats`); ``effects_per_control`` the same against each control alone; RL adds
 each method's interquartile mean with rliable's stratified-bootstrap interval. The JSON is rewritten after every run, so a stopped run keeps what it finished (``--resume`` skips
@@ -155,13 +155,33 @@ def rl_record(rec: dict) -> dict | list[dict]:
     base = {"paradigm": "rl", "benchmark": env, "method": rec["method"], "control": CONTROL_KIND.get(rec["method"]),
             "seed": rec["seed"], "metric": "final_return_task_mean" if suite else "final_return", "higher_is_better": True,
             "value": rec["final_return_task_mean" if suite else "final_return"],
-            "wall_s": rec["wall_s"], "active_params": rec["active_params"], "steps": steps}
+            "wall_s": rec["wall_s"], "active_params": rec["active_params"], "total_params": rec.get("total_params"),
+            "steps": steps}
     if steps == bench_rl.STEPS[env]:
         return base
     base.update(benchmark=f"{env}@{steps // 1000}k", env=env)
     hit = rec["steps_to_threshold"]
     return [base, {**base, "metric": f"steps_to_{bench_rl.THRESHOLD[env]:g}", "higher_is_better": False,
                    "value": steps if hit is None else hit, "reached": hit is not None}]
+
+
+def fill_rl_total_params(records: list[dict]) -> None:
+    """RL records written before runs recorded their total parameters get them from the built network: exact, the
+    count depends on neither training nor seed. The recorded active count must match the rebuilt one (else the
+    method's network has changed since it ran, and the record is left alone with a warning)."""
+    cache: dict[tuple[str, str], tuple[int, int]] = {}
+    for r in records:
+        if r["paradigm"] != "rl" or r.get("total_params") is not None or r.get("active_params") is None:
+            continue
+        key = (r.get("env", r["benchmark"]), r["method"])
+        if key not in cache:
+            cache[key] = bench_rl.param_counts(*key)
+        active, total = cache[key]
+        if active != r["active_params"]:
+            print(f"{key}: recorded active_params {r['active_params']} != rebuilt {active}: total_params not filled",
+                  file=sys.stderr)
+            continue
+        r["total_params"] = total
 
 
 def _record(job: dict, metric: str, higher: bool, value: float, wall: float, active: int, total: int, **extra) -> dict:
@@ -573,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         have = {(job_key(r), r["metric"]) for r in records}
         records += [r for r in more["records"] if (job_key(r), r["metric"]) not in have]
         runs += [run for run in more.get("runs", []) if run not in runs]
+    fill_rl_total_params(records)
     if args.resume or args.merge:
         done = {job_key(r) for r in records}
         jobs = [j for j in jobs if job_key(j) not in done]

@@ -137,27 +137,14 @@ def run_sb3(env_id: str, seed: int, steps: int) -> tuple[list[tuple[int, float]]
     return history, time.perf_counter() - t0, phases
 
 
-def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, int, dict[str, float]]:
+def build_ours(env_id: str, seed: int, steps: int, method: str, ppo_cls=None):
+    """Our PPO for ``method`` on ``env_id`` with the zoo's settings, and its ``GymEnvs`` (seeded; not trained)."""
     import pytorch_lightning as pl
 
     from moeparadigms.core import HashRouter, MLPExperts, MoE, SoftMoERouter, TaskConditionedRouter, TopKRouter
     from moeparadigms.paradigms.rl import PPO, GymEnvs
 
-    phases = {"rollout": 0.0, "update": 0.0}
-
-    class TimedPPO(PPO):  # the same PPO, its two phases timed
-        def collect_rollout(self, envs):
-            t = time.perf_counter()
-            try:
-                return super().collect_rollout(envs)
-            finally:
-                phases["rollout"] += time.perf_counter() - t
-
-        def update(self, r, opt) -> None:
-            t = time.perf_counter()
-            super().update(r, opt)
-            phases["update"] += time.perf_counter() - t
-
+    ppo_cls = ppo_cls or PPO
     gym_id, zoo_of, num_tasks = SUITES.get(env_id, (env_id, env_id, 1))
     z = ZOO[zoo_of]
     pl.seed_everything(seed, verbose=False)
@@ -200,18 +187,53 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
                   "ppo-moe-task-hash": lambda: HashRouter(d_model=64, num_experts=4, top_k=1, seed=seed),
                   "ppo-moe-task-dense-trunk": lambda: TopKRouter(d_model=64, num_experts=1, top_k=1)}[method]()
         moe = MoE(router=router, experts=MLPExperts(d_model=64, hidden=32, num_experts=e), load_balance_coef=0.01)
-    model = TimedPPO(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
+    model = ppo_cls(network=network, moe=moe, hidden=64, num_steps=z["n_steps"], gamma=z["gamma"], gae_lambda=z["gae_lambda"],
                 update_epochs=z["n_epochs"], minibatch_size=z["batch_size"], clip_coef=z["clip"], ent_coef=z["ent_coef"],
                 lr=z["lr"], anneal_lr=z["lr_linear"], anneal_clip=z["lr_linear"], norm_obs=z["normalize"],
                 norm_reward=z["normalize"], torch_threads=1, plots=False,
                 task_heads=env_id in SUITES)
     dm = GymEnvs(env_id=gym_id, num_envs=z["n_envs"], total_steps=steps, seed=seed)
+    return model, dm
+
+
+def param_counts(env_id: str, method: str) -> tuple[int, int]:
+    """(active, total) parameters of ``method``'s actor on ``env_id``, from the built network (no training; the
+    counts do not depend on the seed)."""
+    model, dm = build_ours(env_id, 0, 1_000, method)
+    try:
+        model.build(dm.spec)
+    finally:
+        dm.teardown()
+    return active_params(model.actor), sum(p.numel() for p in model.actor.parameters())
+
+
+def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, tuple[int, int], dict[str, float]]:
+    import pytorch_lightning as pl
+
+    from moeparadigms.paradigms.rl import PPO
+
+    phases = {"rollout": 0.0, "update": 0.0}
+
+    class TimedPPO(PPO):  # the same PPO, its two phases timed
+        def collect_rollout(self, envs):
+            t = time.perf_counter()
+            try:
+                return super().collect_rollout(envs)
+            finally:
+                phases["rollout"] += time.perf_counter() - t
+
+        def update(self, r, opt) -> None:
+            t = time.perf_counter()
+            super().update(r, opt)
+            phases["update"] += time.perf_counter() - t
+
+    model, dm = build_ours(env_id, seed, steps, method, TimedPPO)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0)  # SB3 evaluates nothing either
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     wall = time.perf_counter() - t0
-    return list(model.history), wall, active_params(model.actor), phases
+    return list(model.history), wall, (active_params(model.actor), sum(p.numel() for p in model.actor.parameters())), phases
 
 
 def active_params(net) -> int:
@@ -230,15 +252,16 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     env_id, seed, steps, method = job["env"], job["seed"], job["steps"], job["method"]
-    active = None
+    active = total = None
     if method == "sb3-ppo":
         history, wall, phases = run_sb3(env_id, seed, steps)
     else:
-        history, wall, active, phases = run_ours(env_id, seed, steps, method)
+        history, wall, (active, total), phases = run_ours(env_id, seed, steps, method)
     last = [h[1] for h in history[-20:]]
     rec = {"env": env_id, "method": method, "seed": seed, "steps": steps,
            "final_return": sum(last) / len(last) if last else None,
            "steps_to_threshold": _first_reach(history, THRESHOLD[env_id]), "wall_s": wall, "active_params": active,
+           "total_params": total,
            "rollout_s": phases["rollout"], "update_s": phases["update"],
            "curve": [[int(h[0]), float(h[1])] for h in history]}
     if env_id in SUITES:

@@ -26,6 +26,16 @@ def test_bench_controls_quick(tmp_path):
     # the control has the MoE's active parameters in its one expert (the routers' few weights aside)
     active = {rec["method"]: rec["active_params"] for rec in data["records"]}
     assert abs(active["ppo-moe"] - active["ppo-moe-dense-trunk"]) <= 4 * 64 + 4
+    # total parameters are reported too: the MoE holds two more experts (of 64 -> 64 -> 64) than it uses per sample
+    total = {rec["method"]: rec["total_params"] for rec in data["records"]}
+    assert total["ppo-moe"] - active["ppo-moe"] == 2 * (64 * 64 * 2) and total["ppo-moe-dense-trunk"] == active["ppo-moe-dense-trunk"]
+    # records written before the totals were recorded get them from the rebuilt network, the same numbers
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_controls as bc
+
+    old = [{k: v for k, v in rec.items() if k != "total_params"} for rec in data["records"]]
+    bc.fill_rl_total_params(old)
+    assert [rec["total_params"] for rec in old] == [rec["total_params"] for rec in data["records"]]
     # a budget other than the zoo's (1k steps here) is its own benchmark, with the final return and the steps to
     # bench_rl's threshold (censored at the budget: never reached in 1k steps)
     assert {(rec["benchmark"], rec["metric"]) for rec in data["records"]} == {("CartPole-v1@1k", "final_return"),
