@@ -549,7 +549,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run of every paradigm (seconds each): tiny budgets, 2 seeds, RL on CartPole for 1,000 steps")
+                    help="a smoke run of every paradigm (seconds each): tiny budgets, 2 seeds, RL on CartPole and cartpole-mt for "
+                         "1,000 steps")
     ap.add_argument("--paradigms", nargs="+", default=list(PARADIGMS), choices=list(PARADIGMS))
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "cartpole-mt"],
                     choices=["CartPole-v1", "Acrobot-v1", "cartpole-mt"],
