@@ -404,8 +404,9 @@ def make_jobs(paradigm: str, quick: bool, seeds: int | None, methods: list[str],
         return [dict(paradigm=paradigm, benchmark=f"mmoe-synthetic-p{p}", p=p, seed=s, method=m, budget=MT_BUDGET[mode])
                 for p in mt_p for s in range(n) for m in ms]
     if paradigm == "meta":  # another meta-training length is its own benchmark, "<benchmark>@<N>it"
-        budget = META_BUDGET[mode] if meta_iters is None else {**META_BUDGET[mode], "iters": meta_iters}
-        tag = "" if meta_iters is None else f"@{meta_iters}it"
+        other = meta_iters is not None and meta_iters != META_BUDGET[mode]["iters"]
+        budget = {**META_BUDGET[mode], "iters": meta_iters} if other else META_BUDGET[mode]
+        tag = f"@{meta_iters}it" if other else ""
         return [dict(paradigm=paradigm, benchmark=b + tag, seed=s, method=m, budget=budget)
                 for b in meta_benchmarks for s in range(n) for m in ms]
     if paradigm == "supervised":
@@ -562,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="meta's benchmarks; multimodal10: multimodal regression over 10 function families "
                          "(MultimodalTasks(families=10)) instead of MMAML's 5")
     ap.add_argument("--meta-iters", type=int, default=None,
-                    help="meta-training iterations (default 500; another count is benchmark <benchmark>@<N>it)")
+                    help="meta-training iterations (default 500, --quick 3; another count is benchmark <benchmark>@<N>it)")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per paradigm (default: " + ", ".join(f"{p} {n}" for p, n in SEEDS["full"].items()) + ")")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(ALL_METHODS),

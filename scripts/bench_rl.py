@@ -3,7 +3,8 @@
 Every run gets the SB3 zoo's hyperparameters for its environment (ours copies them; differences are listed
 in ``ZOO``'s comments), one torch thread, and its own seed; the three methods run back to back per seed so
 they see the same machine load. Records (``--out``): ``{"env", "method", "seed", "steps", "final_return",
-"steps_to_threshold", "wall_s", "curve"}``: ``final_return`` is the mean return of the last 20 episodes,
+"steps_to_threshold", "wall_s", "active_params", "total_params", "curve"}`` (parameters: of our actor network;
+None for SB3): ``final_return`` is the mean return of the last 20 episodes,
 ``steps_to_threshold`` the env steps at which that running mean first reaches ``THRESHOLD[env]`` (null if
 never), ``wall_s`` the wall time of training, ``rollout_s`` / ``update_s`` the part of it spent collecting rollouts
 and in the PPO epochs (both libraries' two phases, timed around their own methods). The printed tables add each
@@ -364,7 +365,7 @@ def suite_table(records: list[dict]) -> str:
     lines = ["| suite | method | task-mean final return: mean over seeds ± s.e. (per seed) | task-mean success (per seed) |",
              "|---|---|---|---|"]
     for env in [e for e in dict.fromkeys(r["env"] for r in records) if e in SUITES]:
-        for m in SUITE_METHODS:
+        for m in TASK_METHODS:
             rs = sorted((r for r in records if r["env"] == env and r["method"] == m), key=lambda r: r["seed"])
             if not rs:
                 continue

@@ -22,7 +22,8 @@ Second-order MAML needs twice-differentiable experts: ``MLPExperts(backend="auto
 ``MoE(dense_dispatch=True)`` (every expert on every token, plain autograd: cheaper for few-shot episodes);
 the fast sorted CPU kernels are first-order only and say so. Evaluation adapts with gradients, so the Trainer must run with
 ``inference_mode: false`` (checked). Query loss/accuracy after every inner step 0..``eval_steps`` is
-recorded for each evaluation task; ``eval_results`` holds mean, 95% CI and median per step and, for regression, the
+recorded for each evaluation task; ``eval_results`` holds mean, 95% CI and median (the lower middle value for an even
+count; a NaN curve counts as +inf) per step and, for regression, the
 number of tasks whose adaptation diverged (``diverged_tasks``: query MSE after the last step over ``DIVERGED_FACTOR``
 times its value before adaptation, or not finite; logged as ``{stage}/diverged_tasks`` and warned about, since one
 such task dominates the mean).
@@ -32,12 +33,12 @@ Shape legend: T tasks, S support points, Q query points, F input features, O out
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -339,8 +340,11 @@ class MetaMoE(ParadigmModule):
         c = torch.cat(self._curves)
         mean = c.mean(0)
         ci = 1.96 * c.std(0, unbiased=True) / math.sqrt(c.shape[0]) if c.shape[0] > 1 else torch.zeros_like(mean)
+        # a NaN curve (an overflowed adaptation) counts as +inf, so that the median still stands for the other tasks;
+        # torch's median of an even count is the lower of the two middle values
+        median = torch.nan_to_num(c, nan=float("inf")).median(0).values
         self.eval_results[stage] = {"mean": mean.tolist(), "ci95": ci.tolist(), "tasks": int(c.shape[0]),
-                                    "median": c.median(0).values.tolist()}
+                                    "median": median.tolist()}
         name = "mse" if self.task_kind == "regression" else "acc"
         N = c.shape[1] - 1
         if name == "mse":  # a task whose adaptation blew up dominates the mean: count it and say so
@@ -348,15 +352,15 @@ class MetaMoE(ParadigmModule):
             bad = ~torch.isfinite(last) | (last > DIVERGED_FACTOR * c[:, 0].clamp_min(1e-8))
             n_bad = int(bad.sum())
             self.eval_results[stage]["diverged_tasks"] = n_bad
-            self.log(f"{stage}/diverged_tasks", float(n_bad), sync_dist=True)
+            self.log(f"{stage}/diverged_tasks", float(n_bad), sync_dist=True, reduce_fx="sum")  # over ranks: a total
             if n_bad:
                 t = int(torch.nan_to_num(last, nan=float("inf")).argmax())
-                warnings.warn(
+                rank_zero_warn(
                     f"MetaMoE ({stage}): the inner loop diverged on {n_bad} of {c.shape[0]} tasks (query MSE more than "
                     f"{DIVERGED_FACTOR:g}x its value before adaptation after {N} steps; worst: {float(c[t, 0]):.3g} -> "
                     f"{float(last[t]):.3g}): the mean MSE ({float(mean[N]):.3g}) is dominated by them; the median is "
                     f"{float(self.eval_results[stage]['median'][N]):.3g} (eval_results['{stage}']['median']). A smaller "
-                    f"inner_lr or fewer eval_steps keeps the adaptation stable.", RuntimeWarning, stacklevel=2)
+                    f"inner_lr or fewer eval_steps keeps the adaptation stable.", category=RuntimeWarning, stacklevel=2)
         for k in sorted({0, 1, N}):
             if k <= N:
                 self.log(f"{stage}/{name}_step{k}", float(mean[k]), prog_bar=k == N, sync_dist=True)

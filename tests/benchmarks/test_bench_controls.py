@@ -244,3 +244,15 @@ def test_meta_iters_is_its_own_benchmark():
     jobs = bc.make_jobs("meta", False, 2, ["moe-maml-16e", "moe-maml-16e-hash"], [], ["multimodal"], meta_iters=2000)
     assert {j["benchmark"] for j in jobs} == {"multimodal@2000it"} and all(j["budget"]["iters"] == 2000 for j in jobs)
     assert {j["benchmark"] for j in bc.make_jobs("meta", False, 2, ["moe-maml"], [], ["sinusoid"])} == {"sinusoid"}
+    # the default count named explicitly is the default benchmark, not a new one
+    assert {j["benchmark"] for j in bc.make_jobs("meta", False, 2, ["moe-maml"], [], ["sinusoid"], meta_iters=500)} == {"sinusoid"}
+
+
+def test_bench_rl_suite_table_lists_the_task_controls():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_rl
+
+    recs = [{"env": "cartpole-mt", "method": m, "seed": s, "final_return_task_mean": 400.0 + s}
+            for m in bench_rl.TASK_METHODS for s in (0, 1)]
+    table = bench_rl.suite_table(recs)
+    assert all(f"| cartpole-mt | {m} |" in table for m in bench_rl.TASK_METHODS)

@@ -296,3 +296,17 @@ def test_a_diverged_adaptation_is_counted_and_warned_about():
         tr.test(m, dm, verbose=False)
     r = m.eval_results["test"]
     assert r["diverged_tasks"] > 0 and r["median"][3] <= r["mean"][3]
+
+
+def test_median_and_divergence_count_survive_nan_curves():
+    """An adaptation that overflowed to NaN counts as diverged, and the median (NaN as +inf) still describes the
+    other tasks; torch's median of an even count is the lower middle value."""
+    import math
+
+    m = MetaMoE(width=8, depth=1, eval_steps=2, in_features=1, out_features=1, task_kind="regression")
+    m._curves = [torch.tensor([[1.0, 0.5, 0.4], [1.0, float("nan"), float("nan")], [2.0, 1.0, 0.9], [1.0, 0.6, 0.5]],
+                              dtype=torch.float64)]
+    with pytest.warns(RuntimeWarning, match=r"diverged on 1 of 4 tasks.*the median is 0.5"):
+        m._summarise("test")
+    r = m.eval_results["test"]
+    assert r["diverged_tasks"] == 1 and r["median"][2] == 0.5 and math.isnan(r["mean"][2])
