@@ -205,7 +205,7 @@ def param_counts(env_id: str, method: str) -> tuple[int, int]:
         model.build(dm.spec)
     finally:
         dm.teardown()
-    return active_params(model.actor), sum(p.numel() for p in model.actor.parameters())
+    return param_counts_of(model.actor)
 
 
 def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tuple[int, float, int]], float, tuple[int, int], dict[str, float]]:
@@ -234,18 +234,19 @@ def run_ours(env_id: str, seed: int, steps: int, method: str) -> tuple[list[tupl
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     wall = time.perf_counter() - t0
-    return list(model.history), wall, (active_params(model.actor), sum(p.numel() for p in model.actor.parameters())), phases
+    return list(model.history), wall, param_counts_of(model.actor), phases
 
 
-def active_params(net) -> int:
-    """Parameters one sample's forward uses: all of a dense net; of an MoE block, top_k experts of its bank."""
+def param_counts_of(net) -> tuple[int, int]:
+    """(active, total) parameters of a policy network. Active: what one sample's forward uses, all of a dense net;
+    of an MoE block, top_k experts of its bank."""
     total = sum(p.numel() for p in net.parameters())
     if net.trunk is None:
-        return total
+        return total, total
     moe = net.trunk.blocks[0].moe
     bank = sum(p.numel() for p in moe.experts.parameters())
     k = getattr(moe.router, "top_k", moe.experts.num_experts)  # Soft MoE: every expert processes its slots
-    return total - bank + bank * k // moe.experts.num_experts
+    return total - bank + bank * k // moe.experts.num_experts, total
 
 
 def run_one(job: dict) -> dict:

@@ -342,24 +342,25 @@ class MetaMoE(ParadigmModule):
         ci = 1.96 * c.std(0, unbiased=True) / math.sqrt(c.shape[0]) if c.shape[0] > 1 else torch.zeros_like(mean)
         # a NaN curve (an overflowed adaptation) counts as +inf, so that the median still stands for the other tasks;
         # torch's median of an even count is the lower of the two middle values
-        median = torch.nan_to_num(c, nan=float("inf")).median(0).values
+        c_inf = torch.nan_to_num(c, nan=float("inf"))
+        median = c_inf.median(0).values
         self.eval_results[stage] = {"mean": mean.tolist(), "ci95": ci.tolist(), "tasks": int(c.shape[0]),
                                     "median": median.tolist()}
         name = "mse" if self.task_kind == "regression" else "acc"
         N = c.shape[1] - 1
         if name == "mse":  # a task whose adaptation blew up dominates the mean: count it and say so
-            last = c[:, N]
+            last = c_inf[:, N]  # NaN as +inf: counted below, and the worst task
             bad = ~torch.isfinite(last) | (last > DIVERGED_FACTOR * c[:, 0].clamp_min(1e-8))
             n_bad = int(bad.sum())
             self.eval_results[stage]["diverged_tasks"] = n_bad
             self.log(f"{stage}/diverged_tasks", float(n_bad), sync_dist=True, reduce_fx="sum")  # over ranks: a total
             if n_bad:
-                t = int(torch.nan_to_num(last, nan=float("inf")).argmax())
+                t = int(last.argmax())
                 rank_zero_warn(
                     f"MetaMoE ({stage}): the inner loop diverged on {n_bad} of {c.shape[0]} tasks (query MSE more than "
                     f"{DIVERGED_FACTOR:g}x its value before adaptation after {N} steps; worst: {float(c[t, 0]):.3g} -> "
-                    f"{float(last[t]):.3g}): the mean MSE ({float(mean[N]):.3g}) is dominated by them; the median is "
-                    f"{float(self.eval_results[stage]['median'][N]):.3g} (eval_results['{stage}']['median']). A smaller "
+                    f"{float(c[t, N]):.3g}): the mean MSE ({float(mean[N]):.3g}) is dominated by them; the median is "
+                    f"{float(median[N]):.3g} (eval_results['{stage}']['median']). A smaller "
                     f"inner_lr or fewer eval_steps keeps the adaptation stable.", category=RuntimeWarning, stacklevel=2)
         for k in sorted({0, 1, N}):
             if k <= N:
